@@ -1,0 +1,70 @@
+# The compiled fast path's C-level interface (see _fastpath.pyx).
+from libc.stdint cimport int64_t, uint64_t
+
+from picows.picows cimport WSListener, WSTransport
+
+
+cdef class ClientListener(WSListener):
+    cdef:
+        readonly WSTransport transport
+        public object control            # Python control plane (gateway.server.Gateway)
+        public str connection_id
+        public object peer               # (host, port) or None
+        public object user               # set by the control plane when auth exists
+        public int max_symbols
+        readonly list symbols            # subscribed symbols, insertion order
+        readonly bint paused             # picows reported the write buffer over high water
+        public bint awaiting_pong        # heartbeat: a ping is out, no pong yet
+        public double connected_at
+        # Outbound batch: every trade frame one Redis read produces for this
+        # client is appended here and leaves in one write (see Dispatcher.flush).
+        char* out
+        Py_ssize_t out_len
+        Py_ssize_t out_cap
+        bint in_batch
+        # Reassembly of fragmented client messages (control plane, rare).
+        object frag
+        int frag_type
+        object _sink                     # frames go here when there is no transport (tests)
+
+    cdef bint _check_frag_size(self) except -1
+    cdef _fail(self, int code, str reason)
+    cdef int append_frame(self, const char* frame, Py_ssize_t size) except -1
+    cdef int flush(self, Py_ssize_t max_buffered) except -1
+    cpdef send_text(self, bytes data)
+
+
+cdef class SymbolTable:
+    cdef:
+        readonly bytes prefix
+        dict channels                    # channel bytes -> list[ClientListener]
+        readonly Py_ssize_t subscription_count
+
+    cpdef bytes channel_for(self, str symbol)
+    cpdef bint subscribe(self, ClientListener conn, str symbol) except -1
+    cpdef bint unsubscribe(self, ClientListener conn, str symbol) except -1
+    cpdef int remove_connection(self, ClientListener conn) except -1
+
+
+cdef class Dispatcher:
+    cdef:
+        readonly SymbolTable table
+        object reader                    # hiredis.Reader
+        public object reply_callback     # non-pmessage replies go to Python
+        list touched                     # clients with frames pending this batch
+        char* scratch
+        Py_ssize_t scratch_cap
+        public Py_ssize_t max_buffered
+        public object slow_consumer_callback
+        # Counters (read by gateway.stats)
+        readonly uint64_t redis_messages
+        readonly uint64_t frames_sent
+        readonly uint64_t bytes_sent
+        readonly uint64_t writes
+        readonly uint64_t dropped_payloads
+        readonly uint64_t unrouted_messages
+        readonly uint64_t batches
+
+    cdef int _route(self, list msg, const char* ts, Py_ssize_t tslen) except -1
+    cdef int _grow_scratch(self, Py_ssize_t size) except -1
+    cdef int _flush(self) except -1

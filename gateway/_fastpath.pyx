@@ -1,0 +1,713 @@
+# cython: language_level=3
+"""The gateway's hot path, compiled.
+
+RESP bytes from Redis go in (``Dispatcher.feed``); WebSocket frames come out,
+one write per client per Redis read. Everything here is per message or per
+delivery; everything per connection-lifetime or per control message lives in
+Python (gateway.server, gateway.control).
+
+The pure-Python twin, gateway._fastpath_py, has the same interface and is the
+oracle the tests hold this module to. Change both together.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.dict cimport PyDict_GetItem
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject
+from libc.math cimport isinf
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcmp, memcpy
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+
+from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+
+import hiredis
+
+
+cdef extern from "Python.h":
+    double PyOS_string_to_double(const char* s, char** endptr, object overflow_exception) except? -1.0
+
+
+IS_COMPILED = True
+
+# The trade envelope around a published payload: HEAD + payload + MID + ms + TAIL.
+cdef bytes _HEAD = b'{"type":"trade","data":'
+cdef bytes _MID = b',"timestamp":'
+cdef Py_ssize_t _HEAD_LEN = len(_HEAD)
+cdef Py_ssize_t _MID_LEN = len(_MID)
+
+# Same nesting limit as orjson, so the twin (which uses orjson) and this
+# validator accept the same payloads.
+DEF MAX_DEPTH = 1024
+# Feeding hiredis one huge buffer is quadratic (../NOTES: 5.4 s for 100k
+# messages at once, 25 ms in 64 KiB pieces).
+DEF FEED_CHUNK = 65536
+# A client's batch buffer larger than this is released after its write, so a
+# burst does not pin memory on an otherwise quiet connection.
+DEF OUT_KEEP = 65536
+
+
+cdef inline int64_t now_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+# ---------------------------------------------------------------------------
+# Payload validation: is this a JSON object (RFC 8259, UTF-8) that orjson
+# would accept? Runs once per Redis message, allocates nothing.
+# ---------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _skip_ws(const uint8_t* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and (p[i] == 0x20 or p[i] == 0x0A or p[i] == 0x0D or p[i] == 0x09):
+        i += 1
+    return i
+
+
+cdef inline int _hex(uint8_t c) noexcept nogil:
+    if 0x30 <= c <= 0x39:
+        return c - 0x30
+    c |= 0x20
+    if 0x61 <= c <= 0x66:
+        return c - 0x61 + 10
+    return -1
+
+
+cdef inline int _u16(const uint8_t* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    # Four hex digits at p[i:i+4] as a code unit, -1 if malformed.
+    if i + 4 > n:
+        return -1
+    cdef int a = _hex(p[i]), b = _hex(p[i + 1]), c = _hex(p[i + 2]), d = _hex(p[i + 3])
+    if a < 0 or b < 0 or c < 0 or d < 0:
+        return -1
+    return (a << 12) | (b << 8) | (c << 4) | d
+
+
+cdef Py_ssize_t _scan_string(const uint8_t* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    # p[i] is just past the opening quote. Returns the index past the closing
+    # quote, or -1 if the string is not valid JSON/UTF-8.
+    cdef uint8_t c, c1
+    cdef int u, lo
+    while i < n:
+        c = p[i]
+        if c == 0x22:
+            return i + 1
+        if c == 0x5C:
+            if i + 1 >= n:
+                return -1
+            c1 = p[i + 1]
+            if c1 == 0x75:  # \uXXXX
+                u = _u16(p, i + 2, n)
+                if u < 0:
+                    return -1
+                i += 6
+                if 0xD800 <= u <= 0xDBFF:
+                    # A high surrogate must be followed by an escaped low one.
+                    if i + 1 >= n or p[i] != 0x5C or p[i + 1] != 0x75:
+                        return -1
+                    lo = _u16(p, i + 2, n)
+                    if lo < 0xDC00 or lo > 0xDFFF:
+                        return -1
+                    i += 6
+                elif 0xDC00 <= u <= 0xDFFF:
+                    return -1
+                continue
+            if (c1 == 0x22 or c1 == 0x5C or c1 == 0x2F or c1 == 0x62 or c1 == 0x66
+                    or c1 == 0x6E or c1 == 0x72 or c1 == 0x74):
+                i += 2
+                continue
+            return -1
+        if c < 0x20:
+            return -1
+        if c < 0x80:
+            i += 1
+            continue
+        # Multi-byte UTF-8: no overlongs, no surrogates, nothing above U+10FFFF.
+        if 0xC2 <= c <= 0xDF:
+            if i + 1 >= n or (p[i + 1] & 0xC0) != 0x80:
+                return -1
+            i += 2
+        elif 0xE0 <= c <= 0xEF:
+            if i + 2 >= n or (p[i + 1] & 0xC0) != 0x80 or (p[i + 2] & 0xC0) != 0x80:
+                return -1
+            if c == 0xE0 and p[i + 1] < 0xA0:
+                return -1
+            if c == 0xED and p[i + 1] > 0x9F:
+                return -1
+            i += 3
+        elif 0xF0 <= c <= 0xF4:
+            if (i + 3 >= n or (p[i + 1] & 0xC0) != 0x80 or (p[i + 2] & 0xC0) != 0x80
+                    or (p[i + 3] & 0xC0) != 0x80):
+                return -1
+            if c == 0xF0 and p[i + 1] < 0x90:
+                return -1
+            if c == 0xF4 and p[i + 1] > 0x8F:
+                return -1
+            i += 4
+        else:
+            return -1
+    return -1
+
+
+cdef Py_ssize_t _scan_number(const uint8_t* p, Py_ssize_t i, Py_ssize_t n):
+    # Returns the index past the number, or -1. p must be NUL-terminated at n
+    # (bytes objects are), because the rare overflow check reads with strtod.
+    cdef Py_ssize_t start = i
+    cdef bint check_range = False
+    cdef double v
+    if p[i] == 0x2D:
+        i += 1
+    if i >= n:
+        return -1
+    if p[i] == 0x30:
+        i += 1
+    elif 0x31 <= p[i] <= 0x39:
+        while i < n and 0x30 <= p[i] <= 0x39:
+            i += 1
+    else:
+        return -1
+    if i < n and p[i] == 0x2E:
+        i += 1
+        if i >= n or not (0x30 <= p[i] <= 0x39):
+            return -1
+        while i < n and 0x30 <= p[i] <= 0x39:
+            i += 1
+    if i < n and (p[i] == 0x65 or p[i] == 0x45):
+        check_range = True
+        i += 1
+        if i < n and (p[i] == 0x2B or p[i] == 0x2D):
+            i += 1
+        if i >= n or not (0x30 <= p[i] <= 0x39):
+            return -1
+        while i < n and 0x30 <= p[i] <= 0x39:
+            i += 1
+    if check_range or i - start > 300:
+        # orjson refuses numbers that overflow a double to infinity.
+        v = PyOS_string_to_double(<const char*>p + start, NULL, None)
+        if isinf(v):
+            return -1
+    return i
+
+
+cdef bint _is_json_object(const uint8_t* p, Py_ssize_t n) except -1:
+    cdef uint8_t stack[MAX_DEPTH]
+    cdef Py_ssize_t depth = 0, i
+    cdef uint8_t c
+    i = _skip_ws(p, 0, n)
+    if i >= n or p[i] != 0x7B:
+        return False
+    # Each loop turn starts where a value is expected (after '{' the key is
+    # handled inline, so the state is "value expected" or "after a value").
+    stack[0] = 0x7B
+    depth = 1
+    i += 1
+    # After '{': '}' or a key.
+    i = _skip_ws(p, i, n)
+    if i < n and p[i] == 0x7D:
+        depth = 0
+        i += 1
+        return _skip_ws(p, i, n) == n
+    while True:
+        # Expecting a member key (top is '{') or a value (top is '[').
+        if stack[depth - 1] == 0x7B:
+            if i >= n or p[i] != 0x22:
+                return False
+            i = _scan_string(p, i + 1, n)
+            if i < 0:
+                return False
+            i = _skip_ws(p, i, n)
+            if i >= n or p[i] != 0x3A:
+                return False
+            i = _skip_ws(p, i + 1, n)
+        # A value.
+        if i >= n:
+            return False
+        c = p[i]
+        if c == 0x7B or c == 0x5B:
+            if depth >= MAX_DEPTH:
+                return False
+            stack[depth] = c
+            depth += 1
+            i = _skip_ws(p, i + 1, n)
+            if i < n and p[i] == (0x7D if c == 0x7B else 0x5D):
+                depth -= 1
+                i += 1
+            else:
+                continue
+        elif c == 0x22:
+            i = _scan_string(p, i + 1, n)
+        elif c == 0x74:
+            i = i + 4 if i + 4 <= n and memcmp(p + i, b"true", 4) == 0 else -1
+        elif c == 0x66:
+            i = i + 5 if i + 5 <= n and memcmp(p + i, b"false", 5) == 0 else -1
+        elif c == 0x6E:
+            i = i + 4 if i + 4 <= n and memcmp(p + i, b"null", 4) == 0 else -1
+        elif c == 0x2D or 0x30 <= c <= 0x39:
+            i = _scan_number(p, i, n)
+        else:
+            return False
+        if i < 0:
+            return False
+        # After a value: ',' continues the container, a closer pops it.
+        while True:
+            i = _skip_ws(p, i, n)
+            if i >= n:
+                return False
+            c = p[i]
+            if c == 0x2C:
+                i = _skip_ws(p, i + 1, n)
+                break
+            if (c == 0x7D and stack[depth - 1] == 0x7B) or (c == 0x5D and stack[depth - 1] == 0x5B):
+                depth -= 1
+                i += 1
+                if depth == 0:
+                    return _skip_ws(p, i, n) == n
+                continue
+            return False
+
+
+cpdef bint is_json_object(bytes payload) except -1:
+    """True if ``payload`` is one JSON object in valid UTF-8 (what orjson accepts)."""
+    return _is_json_object(<const uint8_t*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+
+
+cpdef str parse_symbol(bytes channel, bytes prefix):
+    """The symbol in ``channel`` after ``prefix``, or None if it has no such prefix."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(channel), k = PyBytes_GET_SIZE(prefix)
+    if n <= k or memcmp(PyBytes_AS_STRING(channel), PyBytes_AS_STRING(prefix), k) != 0:
+        return None
+    return PyBytes_AS_STRING(channel)[k:n].decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------
+# Frame encoding
+# ---------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _header_size(Py_ssize_t body) noexcept nogil:
+    if body < 126:
+        return 2
+    if body < 65536:
+        return 4
+    return 10
+
+
+cdef inline void _write_header(uint8_t* h, Py_ssize_t body) noexcept nogil:
+    # Server-to-client text frame, FIN set, unmasked (RFC 6455 5.2).
+    cdef int k
+    h[0] = 0x81
+    if body < 126:
+        h[1] = <uint8_t>body
+    elif body < 65536:
+        h[1] = 126
+        h[2] = <uint8_t>(body >> 8)
+        h[3] = <uint8_t>body
+    else:
+        h[1] = 127
+        for k in range(8):
+            h[2 + k] = <uint8_t>((<uint64_t>body) >> (56 - 8 * k))
+
+
+cdef inline Py_ssize_t _trade_frame_size(Py_ssize_t plen, Py_ssize_t tslen) noexcept nogil:
+    cdef Py_ssize_t body = _HEAD_LEN + plen + _MID_LEN + tslen + 1
+    return _header_size(body) + body
+
+
+cdef inline void _write_trade_frame(char* out, const char* payload, Py_ssize_t plen,
+                                    const char* ts, Py_ssize_t tslen) noexcept:
+    cdef Py_ssize_t body = _HEAD_LEN + plen + _MID_LEN + tslen + 1
+    cdef Py_ssize_t h = _header_size(body)
+    _write_header(<uint8_t*>out, body)
+    out += h
+    memcpy(out, PyBytes_AS_STRING(_HEAD), _HEAD_LEN)
+    out += _HEAD_LEN
+    memcpy(out, payload, plen)
+    out += plen
+    memcpy(out, PyBytes_AS_STRING(_MID), _MID_LEN)
+    out += _MID_LEN
+    memcpy(out, ts, tslen)
+    out[tslen] = b"}"
+
+
+cpdef bytes encode_trade_frame(bytes payload, long long timestamp_ms):
+    """The complete WebSocket frame that carries ``payload`` as a trade."""
+    cdef char ts[24]
+    cdef Py_ssize_t tslen = snprintf(ts, sizeof(ts), "%lld", timestamp_ms)
+    cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, _trade_frame_size(plen, tslen))
+    _write_trade_frame(PyBytes_AS_STRING(out), PyBytes_AS_STRING(payload), plen, ts, tslen)
+    return out
+
+
+cpdef bytes encode_text_frame(bytes body):
+    """A server-to-client text frame around ``body`` (for tests and tools)."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), h = _header_size(n)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, h + n)
+    _write_header(<uint8_t*>PyBytes_AS_STRING(out), n)
+    memcpy(PyBytes_AS_STRING(out) + h, PyBytes_AS_STRING(body), n)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The per-connection listener
+# ---------------------------------------------------------------------------
+
+@cython.final
+cdef class ClientListener(WSListener):
+    """One WebSocket client. picows calls it without Python overhead.
+
+    Trade frames are appended to ``out`` during a dispatch and leave in one
+    write when the dispatcher flushes. Control messages (text frames) go to
+    ``control.on_message(self, data, is_text)``.
+    """
+
+    def __init__(self, control=None, str connection_id="", int max_symbols=5, peer=None):
+        self.control = control
+        self.connection_id = connection_id
+        self.max_symbols = max_symbols
+        self.peer = peer
+        self.user = None
+        self.symbols = []
+        self.transport = None
+        self.sink = None
+        self.frag = None
+
+    def __dealloc__(self):
+        free(self.out)
+
+    property sink:
+        # Without a transport, frames go to sink(bytes): tests and benchmarks.
+        def __get__(self):
+            return self._sink
+        def __set__(self, value):
+            self._sink = value
+
+    cpdef on_ws_connected(self, WSTransport transport):
+        self.transport = transport
+        if self.control is not None:
+            self.control.on_connected(self)
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef WSMsgType t = frame.msg_type
+        if t == WSMsgType.TEXT or t == WSMsgType.BINARY:
+            if frame.fin:
+                if self.frag is not None:
+                    self._fail(1002, "new message inside a fragmented one")
+                    return
+                self.control.on_message(self, frame.get_payload_as_bytes(), t == WSMsgType.TEXT)
+            else:
+                if self.frag is not None:
+                    self._fail(1002, "new message inside a fragmented one")
+                    return
+                self.frag = bytearray(frame.get_payload_as_memoryview())
+                self.frag_type = t
+                self._check_frag_size()
+        elif t == WSMsgType.CONTINUATION:
+            if self.frag is None:
+                self._fail(1002, "continuation without a message")
+                return
+            self.frag += frame.get_payload_as_memoryview()
+            if not self._check_frag_size():
+                return
+            if frame.fin:
+                data = bytes(self.frag)
+                self.frag = None
+                self.control.on_message(self, data, self.frag_type == WSMsgType.TEXT)
+        elif t == WSMsgType.PONG:
+            self.awaiting_pong = False
+        elif t == WSMsgType.CLOSE:
+            # Echo the close (RFC 6455 5.5.1) and let the client close TCP.
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+
+    cdef bint _check_frag_size(self) except -1:
+        if len(self.frag) > self.control.max_message_size:
+            self.frag = None
+            self._fail(1009, "message too big")
+            return False
+        return True
+
+    cdef _fail(self, int code, str reason):
+        self.frag = None
+        self.transport.send_close(<WSCloseCode>code, reason.encode())
+        self.transport.disconnect()
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        free(self.out)
+        self.out = NULL
+        self.out_len = self.out_cap = 0
+        if self.control is not None:
+            self.control.on_disconnected(self)
+
+    cpdef pause_writing(self):
+        self.paused = True
+
+    cpdef resume_writing(self):
+        self.paused = False
+
+    cpdef send_text(self, bytes data):
+        """Send one text message now (control replies)."""
+        if self.transport is not None:
+            self.transport.send(WSMsgType.TEXT, data)
+        elif self._sink is not None:
+            self._sink(encode_text_frame(data))
+
+    @property
+    def pending(self):
+        """Bytes waiting in this client's batch buffer (tests)."""
+        return self.out_len
+
+    def write_buffer_size(self):
+        if self.transport is None:
+            return 0
+        return self.transport.underlying_transport.get_write_buffer_size()
+
+    cdef int append_frame(self, const char* frame, Py_ssize_t size) except -1:
+        cdef Py_ssize_t need = self.out_len + size, cap
+        cdef char* grown
+        if need > self.out_cap:
+            cap = self.out_cap * 2 if self.out_cap else 4096
+            while cap < need:
+                cap *= 2
+            grown = <char*>realloc(self.out, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self.out = grown
+            self.out_cap = cap
+        memcpy(self.out + self.out_len, frame, size)
+        self.out_len = need
+        return 0
+
+    cdef int flush(self, Py_ssize_t max_buffered) except -1:
+        # Returns 1 if the client is over its outbound limit after the write.
+        cdef WSTransport t = self.transport
+        self.in_batch = False
+        if self.out_len == 0:
+            return 0
+        if t is not None:
+            # A closing or closed client gets nothing more; picows' own send
+            # paths check the same flags.
+            if not (t.is_disconnected or t.is_close_frame_sent):
+                # picows writes straight to the socket when its transport has
+                # nothing queued, else hands the bytes to the transport.
+                t._fast_write(self.out, self.out_len)
+        elif self._sink is not None:
+            self._sink(PyBytes_FromStringAndSize(self.out, self.out_len))
+        self.out_len = 0
+        if self.out_cap > OUT_KEEP:
+            free(self.out)
+            self.out = NULL
+            self.out_cap = 0
+        if self.paused and t is not None and not t.is_disconnected:
+            if t.underlying_transport.get_write_buffer_size() > max_buffered:
+                return 1
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# Symbol table
+# ---------------------------------------------------------------------------
+
+@cython.final
+cdef class SymbolTable:
+    """symbol -> subscribed clients, keyed by the full channel name.
+
+    Keying by channel bytes lets the dispatcher look up the channel object
+    hiredis already made, with no slicing or decoding per message.
+    """
+
+    def __init__(self, bytes prefix=b"channel:trade:"):
+        self.prefix = prefix
+        self.channels = {}
+        self.subscription_count = 0
+
+    cpdef bytes channel_for(self, str symbol):
+        return self.prefix + symbol.encode("utf-8")
+
+    cpdef bint subscribe(self, ClientListener conn, str symbol) except -1:
+        """Add ``symbol`` for ``conn``; False if it was already there."""
+        if symbol in conn.symbols:
+            return False
+        key = self.channel_for(symbol)
+        subs = self.channels.get(key)
+        if subs is None:
+            subs = self.channels[key] = []
+        subs.append(conn)
+        conn.symbols.append(symbol)
+        self.subscription_count += 1
+        return True
+
+    cpdef bint unsubscribe(self, ClientListener conn, str symbol) except -1:
+        """Remove ``symbol`` for ``conn``; False if it was not there."""
+        if symbol not in conn.symbols:
+            return False
+        conn.symbols.remove(symbol)
+        key = self.channel_for(symbol)
+        subs = <list>self.channels[key]
+        subs.remove(conn)
+        if not subs:
+            del self.channels[key]
+        self.subscription_count -= 1
+        return True
+
+    cpdef int remove_connection(self, ClientListener conn) except -1:
+        """Drop every subscription of ``conn``; returns how many."""
+        cdef int n = 0
+        for symbol in list(conn.symbols):
+            n += self.unsubscribe(conn, symbol)
+        return n
+
+    def subscribers(self, str symbol):
+        return list(self.channels.get(self.channel_for(symbol), ()))
+
+    def symbols(self):
+        k = len(self.prefix)
+        return sorted(key[k:].decode() for key in self.channels)
+
+    @property
+    def symbol_count(self):
+        return len(self.channels)
+
+    def __len__(self):
+        return len(self.channels)
+
+
+# ---------------------------------------------------------------------------
+# Dispatcher: RESP in, batched frames out
+# ---------------------------------------------------------------------------
+
+cdef inline bint _is_pmessage(object reply) noexcept:
+    if type(reply) is not list or PyList_GET_SIZE(reply) != 4:
+        return False
+    head = <object>PyList_GET_ITEM(reply, 0)
+    return (type(head) is bytes and PyBytes_GET_SIZE(head) == 8
+            and memcmp(PyBytes_AS_STRING(head), b"pmessage", 8) == 0)
+
+
+@cython.final
+cdef class Dispatcher:
+    """Parses the Redis subscription stream and fans trades out.
+
+    ``feed(data)`` takes whatever the socket delivered, in any split. Trade
+    messages are routed to subscribers; any other reply (subscribe
+    confirmations, errors) goes to ``reply_callback(reply)``. After each
+    feed, every client with frames pending gets them in one write; a client
+    left over ``max_buffered`` outbound bytes is passed to
+    ``slow_consumer_callback(conn)``.
+    """
+
+    def __init__(self, SymbolTable table, reply_callback=None, Py_ssize_t max_buffered=1 << 20,
+                 slow_consumer_callback=None):
+        self.table = table
+        self.reply_callback = reply_callback
+        self.max_buffered = max_buffered
+        self.slow_consumer_callback = slow_consumer_callback
+        self.touched = []
+        self.reader = hiredis.Reader()
+
+    def __dealloc__(self):
+        free(self.scratch)
+
+    def reset(self):
+        """Forget any partial reply (call on every new Redis connection)."""
+        self.reader = hiredis.Reader()
+
+    def feed(self, data):
+        """Parse ``data`` (bytes-like) from Redis, dispatch, and flush."""
+        cdef Py_ssize_t n = len(data), off = 0, k
+        cdef char ts[24]
+        cdef Py_ssize_t tslen = snprintf(ts, sizeof(ts), "%lld", <long long>now_ms())
+        reader = self.reader
+        gets = reader.gets
+        try:
+            while off < n:
+                k = n - off if n - off < FEED_CHUNK else FEED_CHUNK
+                reader.feed(data, off, k)
+                off += k
+                while True:
+                    reply = gets()
+                    if reply is False:
+                        break
+                    if _is_pmessage(reply):
+                        self._route(<list>reply, ts, tslen)
+                    elif self.reply_callback is not None:
+                        self.reply_callback(reply)
+        finally:
+            self._flush()
+
+    def dispatch(self, list replies):
+        """Route already-parsed replies and flush (benchmarks, tests)."""
+        cdef char ts[24]
+        cdef Py_ssize_t tslen = snprintf(ts, sizeof(ts), "%lld", <long long>now_ms())
+        try:
+            for reply in replies:
+                if _is_pmessage(reply):
+                    self._route(<list>reply, ts, tslen)
+                elif self.reply_callback is not None:
+                    self.reply_callback(reply)
+        finally:
+            self._flush()
+
+    cdef int _route(self, list msg, const char* ts, Py_ssize_t tslen) except -1:
+        cdef object channel = <object>PyList_GET_ITEM(msg, 2)
+        cdef object payload = <object>PyList_GET_ITEM(msg, 3)
+        cdef PyObject* found
+        cdef list subs
+        cdef ClientListener conn
+        cdef Py_ssize_t j, nsubs, plen, size
+        self.redis_messages += 1
+        if type(payload) is not bytes or not _is_json_object(
+                <const uint8_t*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload)):
+            self.dropped_payloads += 1
+            return 0
+        found = PyDict_GetItem(self.table.channels, channel)
+        if found == NULL:
+            self.unrouted_messages += 1
+            return 0
+        subs = <list>found
+        nsubs = PyList_GET_SIZE(subs)
+        # The envelope is encoded once per message, then copied per client.
+        plen = PyBytes_GET_SIZE(payload)
+        size = _trade_frame_size(plen, tslen)
+        if size > self.scratch_cap:
+            self._grow_scratch(size)
+        _write_trade_frame(self.scratch, PyBytes_AS_STRING(payload), plen, ts, tslen)
+        for j in range(nsubs):
+            conn = <ClientListener>PyList_GET_ITEM(subs, j)
+            conn.append_frame(self.scratch, size)
+            if not conn.in_batch:
+                conn.in_batch = True
+                self.touched.append(conn)
+        self.frames_sent += nsubs
+        self.bytes_sent += <uint64_t>(nsubs * size)
+        return 0
+
+    cdef int _grow_scratch(self, Py_ssize_t size) except -1:
+        cdef char* grown = <char*>realloc(self.scratch, size)
+        if grown == NULL:
+            raise MemoryError()
+        self.scratch = grown
+        self.scratch_cap = size
+        return 0
+
+    cdef int _flush(self) except -1:
+        cdef list touched = self.touched
+        cdef Py_ssize_t j, n = PyList_GET_SIZE(touched)
+        cdef ClientListener conn
+        cdef list slow = None
+        if n == 0:
+            return 0
+        self.batches += 1
+        self.touched = []
+        for j in range(n):
+            conn = <ClientListener>PyList_GET_ITEM(touched, j)
+            if conn.flush(self.max_buffered):
+                if slow is None:
+                    slow = []
+                slow.append(conn)
+        self.writes += n
+        if slow is not None and self.slow_consumer_callback is not None:
+            for conn in slow:
+                self.slow_consumer_callback(conn)
+        return 0

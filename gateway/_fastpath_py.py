@@ -1,0 +1,293 @@
+"""The pure-Python twin of gateway._fastpath.
+
+Same classes, same functions, same behaviour, written plainly. It is the
+oracle the tests hold the compiled module to, the baseline the micro
+benchmarks compare against, and what runs with GATEWAY_NO_EXTENSIONS=1.
+Change both together.
+"""
+from __future__ import annotations
+
+import time
+
+import hiredis
+import orjson
+from picows import WSCloseCode, WSListener, WSMsgType
+
+IS_COMPILED = False
+
+_HEAD = b'{"type":"trade","data":'
+_MID = b',"timestamp":'
+FEED_CHUNK = 65536
+
+
+def is_json_object(payload: bytes) -> bool:
+    """True if ``payload`` is one JSON object in valid UTF-8 (what orjson accepts)."""
+    try:
+        return type(orjson.loads(payload)) is dict
+    except orjson.JSONDecodeError:
+        return False
+
+
+def parse_symbol(channel: bytes, prefix: bytes) -> str | None:
+    """The symbol in ``channel`` after ``prefix``, or None if it has no such prefix."""
+    if len(channel) <= len(prefix) or not channel.startswith(prefix):
+        return None
+    return channel[len(prefix):].decode("utf-8", "replace")
+
+
+def _header(n: int) -> bytes:
+    if n < 126:
+        return bytes((0x81, n))
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big")
+    return bytes((0x81, 127)) + n.to_bytes(8, "big")
+
+
+def encode_text_frame(body: bytes) -> bytes:
+    """A server-to-client text frame around ``body``."""
+    return _header(len(body)) + body
+
+
+def encode_trade_frame(payload: bytes, timestamp_ms: int) -> bytes:
+    """The complete WebSocket frame that carries ``payload`` as a trade."""
+    return encode_text_frame(b"".join((_HEAD, payload, _MID, str(timestamp_ms).encode(), b"}")))
+
+
+class ClientListener(WSListener):
+    """One WebSocket client; see gateway._fastpath.ClientListener."""
+
+    def __init__(self, control=None, connection_id: str = "", max_symbols: int = 5, peer=None):
+        self.control = control
+        self.connection_id = connection_id
+        self.max_symbols = max_symbols
+        self.peer = peer
+        self.user = None
+        self.symbols: list[str] = []
+        self.transport = None
+        self.sink = None
+        self.paused = False
+        self.awaiting_pong = False
+        self.connected_at = 0.0
+        self.out = bytearray()
+        self.in_batch = False
+        self.frag: bytearray | None = None
+        self.frag_type = WSMsgType.TEXT
+
+    def on_ws_connected(self, transport):
+        self.transport = transport
+        if self.control is not None:
+            self.control.on_connected(self)
+
+    def on_ws_frame(self, transport, frame):
+        t = frame.msg_type
+        if t == WSMsgType.TEXT or t == WSMsgType.BINARY:
+            if self.frag is not None:
+                self._fail(1002, "new message inside a fragmented one")
+                return
+            if frame.fin:
+                self.control.on_message(self, frame.get_payload_as_bytes(), t == WSMsgType.TEXT)
+            else:
+                self.frag = bytearray(frame.get_payload_as_memoryview())
+                self.frag_type = t
+                self._check_frag_size()
+        elif t == WSMsgType.CONTINUATION:
+            if self.frag is None:
+                self._fail(1002, "continuation without a message")
+                return
+            self.frag += frame.get_payload_as_memoryview()
+            if not self._check_frag_size():
+                return
+            if frame.fin:
+                data = bytes(self.frag)
+                self.frag = None
+                self.control.on_message(self, data, self.frag_type == WSMsgType.TEXT)
+        elif t == WSMsgType.PONG:
+            self.awaiting_pong = False
+        elif t == WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+
+    def _check_frag_size(self) -> bool:
+        if len(self.frag) > self.control.max_message_size:
+            self.frag = None
+            self._fail(1009, "message too big")
+            return False
+        return True
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.frag = None
+        self.transport.send_close(WSCloseCode(code), reason.encode())
+        self.transport.disconnect()
+
+    def on_ws_disconnected(self, transport):
+        self.out = bytearray()
+        if self.control is not None:
+            self.control.on_disconnected(self)
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+
+    def send_text(self, data: bytes) -> None:
+        """Send one text message now (control replies)."""
+        if self.transport is not None:
+            self.transport.send(WSMsgType.TEXT, data)
+        elif self.sink is not None:
+            self.sink(encode_text_frame(data))
+
+    @property
+    def pending(self) -> int:
+        return len(self.out)
+
+    def write_buffer_size(self) -> int:
+        if self.transport is None:
+            return 0
+        return self.transport.underlying_transport.get_write_buffer_size()
+
+    def flush(self, max_buffered: int) -> bool:
+        """Write the batch in one go; True if now over ``max_buffered``."""
+        self.in_batch = False
+        if not self.out:
+            return False
+        t = self.transport
+        if t is not None:
+            if not (t.is_disconnected or t.is_close_frame_sent):
+                t.underlying_transport.write(bytes(self.out))
+        elif self.sink is not None:
+            self.sink(bytes(self.out))
+        self.out = bytearray()
+        if self.paused and t is not None and not t.is_disconnected:
+            return t.underlying_transport.get_write_buffer_size() > max_buffered
+        return False
+
+
+class SymbolTable:
+    """symbol -> subscribed clients, keyed by the full channel name."""
+
+    def __init__(self, prefix: bytes = b"channel:trade:"):
+        self.prefix = prefix
+        self.channels: dict[bytes, list[ClientListener]] = {}
+        self.subscription_count = 0
+
+    def channel_for(self, symbol: str) -> bytes:
+        return self.prefix + symbol.encode("utf-8")
+
+    def subscribe(self, conn, symbol: str) -> bool:
+        if symbol in conn.symbols:
+            return False
+        self.channels.setdefault(self.channel_for(symbol), []).append(conn)
+        conn.symbols.append(symbol)
+        self.subscription_count += 1
+        return True
+
+    def unsubscribe(self, conn, symbol: str) -> bool:
+        if symbol not in conn.symbols:
+            return False
+        conn.symbols.remove(symbol)
+        key = self.channel_for(symbol)
+        subs = self.channels[key]
+        subs.remove(conn)
+        if not subs:
+            del self.channels[key]
+        self.subscription_count -= 1
+        return True
+
+    def remove_connection(self, conn) -> int:
+        return sum(self.unsubscribe(conn, s) for s in list(conn.symbols))
+
+    def subscribers(self, symbol: str) -> list:
+        return list(self.channels.get(self.channel_for(symbol), ()))
+
+    def symbols(self) -> list[str]:
+        k = len(self.prefix)
+        return sorted(key[k:].decode() for key in self.channels)
+
+    @property
+    def symbol_count(self) -> int:
+        return len(self.channels)
+
+    def __len__(self) -> int:
+        return len(self.channels)
+
+
+def _is_pmessage(reply) -> bool:
+    return type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage"
+
+
+class Dispatcher:
+    """Parses the Redis subscription stream and fans trades out; see gateway._fastpath."""
+
+    def __init__(self, table: SymbolTable, reply_callback=None, max_buffered: int = 1 << 20,
+                 slow_consumer_callback=None):
+        self.table = table
+        self.reply_callback = reply_callback
+        self.max_buffered = max_buffered
+        self.slow_consumer_callback = slow_consumer_callback
+        self.touched: list[ClientListener] = []
+        self.reader = hiredis.Reader()
+        self.redis_messages = 0
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.writes = 0
+        self.dropped_payloads = 0
+        self.unrouted_messages = 0
+        self.batches = 0
+
+    def reset(self) -> None:
+        self.reader = hiredis.Reader()
+
+    def feed(self, data) -> None:
+        ts = str(time.time_ns() // 1_000_000).encode()
+        reader = self.reader
+        try:
+            for off in range(0, len(data), FEED_CHUNK):
+                reader.feed(data, off, min(FEED_CHUNK, len(data) - off))
+                while (reply := reader.gets()) is not False:
+                    self._handle(reply, ts)
+        finally:
+            self._flush()
+
+    def dispatch(self, replies: list) -> None:
+        ts = str(time.time_ns() // 1_000_000).encode()
+        try:
+            for reply in replies:
+                self._handle(reply, ts)
+        finally:
+            self._flush()
+
+    def _handle(self, reply, ts: bytes) -> None:
+        if _is_pmessage(reply):
+            self._route(reply[2], reply[3], ts)
+        elif self.reply_callback is not None:
+            self.reply_callback(reply)
+
+    def _route(self, channel, payload, ts: bytes) -> None:
+        self.redis_messages += 1
+        if type(payload) is not bytes or not is_json_object(payload):
+            self.dropped_payloads += 1
+            return
+        subs = self.table.channels.get(channel)
+        if subs is None:
+            self.unrouted_messages += 1
+            return
+        frame = encode_text_frame(b"".join((_HEAD, payload, _MID, ts, b"}")))
+        for conn in subs:
+            conn.out += frame
+            if not conn.in_batch:
+                conn.in_batch = True
+                self.touched.append(conn)
+        self.frames_sent += len(subs)
+        self.bytes_sent += len(subs) * len(frame)
+
+    def _flush(self) -> None:
+        touched, self.touched = self.touched, []
+        if not touched:
+            return
+        self.batches += 1
+        slow = [conn for conn in touched if conn.flush(self.max_buffered)]
+        self.writes += len(touched)
+        if slow and self.slow_consumer_callback is not None:
+            for conn in slow:
+                self.slow_consumer_callback(conn)

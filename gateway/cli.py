@@ -1,0 +1,63 @@
+"""``ws-gateway`` / ``python -m gateway``: flags and environment to Config, then run.
+
+Bad configuration prints one line on stderr and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import SETTINGS, Config, ConfigError
+
+EXIT_CONFIG = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage too
+        print(f"ws-gateway: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="ws-gateway",
+        description="Stream trades from Redis pub/sub (PSUBSCRIBE <prefix>*) to WebSocket clients.",
+        epilog="Each flag overrides its environment variable; both override the default.",
+    )
+    for s in SETTINGS:
+        parser.add_argument(s.flag, dest=s.field, metavar=s.env, default=None,
+                            help=f"{s.help} [env {s.env}, default {s.default}]")
+    return parser
+
+
+def load_config(argv: list[str] | None = None, env=None) -> Config:
+    args = build_parser().parse_args(argv)
+    return Config.from_sources(os.environ if env is None else env, vars(args))
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # picows logs every connect and disconnect at INFO; at thousands of
+    # clients that drowns the gateway's own lines.
+    if logging.getLevelName(level) > logging.DEBUG:
+        logging.getLogger("picows").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"ws-gateway: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.log_level)
+    from .server import run  # imported late: --help and config errors stay fast
+    return run(config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""Configuration: one frozen object, built and checked at the edge.
+
+Every setting has an environment variable and a matching ``ws-gateway`` flag
+(gateway.cli). Anything invalid raises ConfigError with one line that names
+the setting; the CLI prints it and exits with code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import urllib.parse
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where and how to reach Redis (parsed from REDIS_URL)."""
+    host: str = "127.0.0.1"
+    port: int = 6379
+    unix_path: str | None = None
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    tls: bool = False
+
+    def describe(self) -> str:
+        """For logs: never includes the password."""
+        where = self.unix_path or f"{self.host}:{self.port}"
+        return f"{'rediss' if self.tls else 'redis'}://{where}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL is malformed: {exc}") from None
+    query = urllib.parse.parse_qs(parts.query)
+    db_text = (query.get("db") or [""])[0]
+    username = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            raise ConfigError(f"REDIS_URL has no host: {_redact(url)!r}")
+        path = parts.path.lstrip("/")
+        db_text = path or db_text
+        target = dict(host=parts.hostname, port=port or 6379, tls=parts.scheme == "rediss")
+    elif parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"REDIS_URL has no socket path: {_redact(url)!r}")
+        target = dict(unix_path=parts.path)
+    else:
+        raise ConfigError(
+            f"REDIS_URL must start with redis://, rediss:// or unix://, got {_redact(url)!r}")
+    db = 0
+    if db_text:
+        if not db_text.isdigit():
+            raise ConfigError(f"REDIS_URL database must be a number, got {db_text!r}")
+        db = int(db_text)
+    # A password alone (redis://:pw@host) is the classic AUTH form; a user
+    # without a password makes no sense to Redis.
+    if username and password is None:
+        raise ConfigError("REDIS_URL names a user but no password")
+    return RedisTarget(username=username or None, password=password, db=db, **target)
+
+
+def _redact(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
+    def conv(name: str, text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise ConfigError(f"{name} must be {bound}, got {value}")
+        return value
+    return conv
+
+
+def _float(lo: float) -> Callable[[str, str], float]:
+    def conv(name: str, text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {text!r}") from None
+        if not value >= lo or value == float("inf"):
+            raise ConfigError(f"{name} must be at least {lo}, got {text!r}")
+        return value
+    return conv
+
+
+def _choice(*options: str) -> Callable[[str, str], str]:
+    def conv(name: str, text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {text!r}")
+        return value
+    return conv
+
+
+def _log_level(name: str, text: str) -> str:
+    value = text.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{name} must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {text!r}")
+    return value
+
+
+def _prefix(name: str, text: str) -> str:
+    if not text or any(c in text for c in "*?[]\\") or not text.isprintable():
+        raise ConfigError(f"{name} must be a non-empty channel prefix without glob characters, got {text!r}")
+    return text
+
+
+def _host(name: str, text: str) -> str:
+    if not text.strip():
+        raise ConfigError(f"{name} must not be empty")
+    return text.strip()
+
+
+def _str(name: str, text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    field: str
+    env: str
+    flag: str
+    default: str
+    convert: Callable[[str, str], object]
+    help: str
+
+
+# The one table of settings: Config's fields, the environment variables, the
+# CLI flags and the --help text all come from here.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "WS_HOST", "--host", "0.0.0.0", _host,
+            "address the WebSocket server listens on"),
+    Setting("port", "WS_PORT", "--port", "8080", _int(0, 65535),
+            "WebSocket server port (0 picks a free one)"),
+    Setting("redis_url", "REDIS_URL", "--redis-url", "redis://127.0.0.1:6379", _str,
+            "Redis to subscribe to: redis://[[user]:password@]host[:port][/db], rediss://..., unix:///path"),
+    Setting("max_symbols", "WS_MAX_SYMBOLS", "--max-symbols", "5", _int(1, 10000),
+            "most symbols one connection may subscribe to"),
+    Setting("heartbeat_interval", "WS_HEARTBEAT_INTERVAL", "--heartbeat-interval", "30", _float(0.05),
+            "seconds between WebSocket pings; a client that has not answered the previous one is dropped"),
+    Setting("stats_interval", "WS_STATS_INTERVAL", "--stats-interval", "60", _float(0.05),
+            "seconds between statistics log lines"),
+    Setting("max_message_size", "WS_MAX_MESSAGE_SIZE", "--max-message-size", "102400", _int(64, 1 << 30),
+            "largest client message in bytes; a larger one closes the connection with 1009"),
+    Setting("channel_prefix", "WS_CHANNEL_PREFIX", "--channel-prefix", "channel:trade:", _prefix,
+            "Redis channel prefix; the gateway subscribes to PREFIX*"),
+    Setting("max_buffered_bytes", "WS_MAX_BUFFERED_BYTES", "--max-buffered-bytes", "1048576", _int(1024),
+            "outbound bytes a client may have queued before it is treated as a slow consumer"),
+    Setting("slow_client_policy", "WS_SLOW_CLIENT_POLICY", "--slow-client-policy", "disconnect",
+            _choice("disconnect"),
+            "what happens to a slow consumer: disconnect (close 1008 'slow consumer')"),
+    Setting("log_level", "LOG_LEVEL", "--log-level", "INFO", _log_level,
+            "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    redis_url: str = "redis://127.0.0.1:6379"
+    max_symbols: int = 5
+    heartbeat_interval: float = 30.0
+    stats_interval: float = 60.0
+    max_message_size: int = 102400
+    channel_prefix: str = "channel:trade:"
+    max_buffered_bytes: int = 1 << 20
+    slow_client_policy: str = "disconnect"
+    log_level: str = "INFO"
+    redis: RedisTarget = dataclasses.field(default_factory=RedisTarget)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "redis", parse_redis_url(self.redis_url))
+
+    @classmethod
+    def from_sources(cls, env: Mapping[str, str], overrides: Mapping[str, str | None] | None = None
+                     ) -> "Config":
+        """Build from environment variables, with CLI values (text) taking precedence."""
+        values: dict[str, object] = {}
+        overrides = overrides or {}
+        for s in SETTINGS:
+            given = overrides.get(s.field)
+            if given is not None:
+                values[s.field] = s.convert(s.flag, given)
+            elif s.env in env:
+                values[s.field] = s.convert(s.env, env[s.env])
+            else:
+                values[s.field] = s.convert(s.env, s.default)
+        return cls(**values)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Config":
+        return cls.from_sources(env)
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelName(self.log_level)

@@ -1,0 +1,229 @@
+"""The Redis side: one connection, one PSUBSCRIBE, reconnect forever.
+
+A plain asyncio Protocol writes AUTH/SELECT/PSUBSCRIBE and hands every byte
+it receives to the fast path's Dispatcher, which parses RESP with hiredis
+and fans out. redis-py's PubSub is ~10x slower at this and stays off the hot
+path. Redis disconnects a subscriber that lags by 32 MB, so nothing here
+waits on clients: data_received returns as soon as the bytes are written or
+queued.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from typing import Callable
+
+import hiredis
+
+from .config import RedisTarget
+
+log = logging.getLogger("gateway.redis")
+
+
+def encode_command(*args: str | bytes) -> bytes:
+    """One RESP command (array of bulk strings)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class Backoff:
+    """Capped exponential backoff with jitter: 0.1 s, 0.2 s, ... up to ``cap``."""
+
+    def __init__(self, base: float = 0.1, cap: float = 5.0):
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.base * (2 ** self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return delay * random.uniform(0.8, 1.0)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class _SubscriptionProtocol(asyncio.Protocol):
+    def __init__(self, owner: "RedisSubscriber"):
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.owner._on_connected(self)
+
+    def data_received(self, data):
+        try:
+            self.owner.dispatcher.feed(data)
+        except hiredis.ProtocolError as exc:
+            log.error("Redis sent bytes that are not RESP (%s); reconnecting", exc)
+            self.transport.abort()
+        except Exception:
+            # A bug, not bad input: log it and reconnect rather than stall.
+            log.exception("fan-out failed; reconnecting to Redis")
+            self.transport.abort()
+
+    def connection_lost(self, exc):
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+
+class RedisSubscriber:
+    """Keeps ``PSUBSCRIBE <prefix>*`` alive and feeds the dispatcher.
+
+    ``ready`` is True only while the subscription is confirmed. ``reason``
+    says why not, for /readyz and the logs.
+    """
+
+    def __init__(self, target: RedisTarget, pattern: str, dispatcher, *,
+                 keepalive_interval: float = 15.0, connect_timeout: float = 5.0,
+                 backoff: Backoff | None = None,
+                 on_state: Callable[[bool, str], None] | None = None):
+        self.target = target
+        self.pattern = pattern
+        self.dispatcher = dispatcher
+        dispatcher.reply_callback = self._on_reply
+        self.keepalive_interval = keepalive_interval
+        self.connect_timeout = connect_timeout
+        self.backoff = backoff or Backoff()
+        self.on_state = on_state
+        self.ready = False
+        self.reason = "not connected yet"
+        self.connects = 0
+        self.reconnects = 0
+        self.subscribed_at: float | None = None
+        self._proto: _SubscriptionProtocol | None = None
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._last_reply = 0.0
+        self._expected_ok = 0
+
+    # lifecycle ------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="redis-subscriber")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._set_state(False, "stopped")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            try:
+                proto = await asyncio.wait_for(self._connect(loop), self.connect_timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                why = str(exc) or type(exc).__name__
+                self._set_state(False, f"cannot connect to {self.target.describe()}: {why}")
+                log.warning("Redis %s unreachable (%s)", self.target.describe(), why)
+            else:
+                self._proto = proto
+                keepalive = loop.create_task(self._keepalive(proto))
+                try:
+                    exc = await proto.closed
+                finally:
+                    keepalive.cancel()
+                    self._proto = None
+                if self._stopping:
+                    break
+                self.reconnects += 1
+                was = self.reason
+                self._set_state(False, "connection to Redis lost")
+                log.warning("Redis connection lost (%s); clients stay connected, reconnecting",
+                            exc or was)
+            delay = self.backoff.next_delay()
+            log.info("next Redis connection attempt in %.2f s", delay)
+            await asyncio.sleep(delay)
+
+    async def _connect(self, loop) -> _SubscriptionProtocol:
+        t = self.target
+        ctx = ssl.create_default_context() if t.tls else None
+        if t.unix_path:
+            _, proto = await loop.create_unix_connection(lambda: _SubscriptionProtocol(self), t.unix_path)
+        else:
+            _, proto = await loop.create_connection(
+                lambda: _SubscriptionProtocol(self), t.host, t.port, ssl=ctx)
+        return proto
+
+    async def _keepalive(self, proto: _SubscriptionProtocol) -> None:
+        # A PING on the subscribed connection proves Redis still answers; a
+        # silent peer (hung server, dropped route) is dropped and retried.
+        while True:
+            await asyncio.sleep(self.keepalive_interval)
+            if time.monotonic() - self._last_reply > 2 * self.keepalive_interval:
+                log.warning("Redis did not answer PING for %.0f s; reconnecting",
+                            2 * self.keepalive_interval)
+                proto.transport.abort()
+                return
+            proto.transport.write(encode_command("PING"))
+
+    # protocol callbacks ---------------------------------------------------
+    def _on_connected(self, proto: _SubscriptionProtocol) -> None:
+        self.connects += 1
+        self.dispatcher.reset()
+        self._last_reply = time.monotonic()
+        cmds = []
+        t = self.target
+        self._expected_ok = 0
+        if t.password is not None:
+            cmds.append(encode_command("AUTH", *( [t.username] if t.username else []), t.password))
+            self._expected_ok += 1
+        if t.db:
+            cmds.append(encode_command("SELECT", str(t.db)))
+            self._expected_ok += 1
+        cmds.append(encode_command("PSUBSCRIBE", self.pattern))
+        proto.transport.write(b"".join(cmds))
+        self._set_state(False, "subscribing")
+
+    def _on_reply(self, reply) -> None:
+        """Every reply that is not a trade message: confirmations, errors, pongs."""
+        self._last_reply = time.monotonic()
+        if isinstance(reply, hiredis.ReplyError):
+            text = str(reply)
+            if text.startswith(("NOAUTH", "WRONGPASS", "NOPERM", "ERR AUTH", "ERR invalid password")):
+                log.error("Redis refused the gateway (%s): check the user, password and its "
+                          "pub/sub permissions in REDIS_URL", text)
+            else:
+                log.error("Redis replied with an error: %s", text)
+            self._set_state(False, f"Redis error: {text}")
+            if self._proto is not None and self._proto.transport is not None:
+                self._proto.transport.close()
+            return
+        if isinstance(reply, list) and reply:
+            kind = reply[0]
+            if kind == b"psubscribe":
+                self.backoff.reset()
+                self.subscribed_at = time.time()
+                log.info("subscribed to %s on %s", self.pattern, self.target.describe())
+                self._set_state(True, "subscribed")
+            elif kind == b"pong":
+                pass
+            elif kind == b"punsubscribe":
+                self._set_state(False, "unsubscribed")
+            else:
+                log.debug("unexpected reply from Redis: %r", reply[:2])
+        elif reply == b"OK":
+            pass
+        else:
+            log.debug("unexpected reply from Redis: %r", reply)
+
+    def _set_state(self, ready: bool, reason: str) -> None:
+        changed = ready != self.ready
+        self.ready = ready
+        self.reason = reason
+        if changed and self.on_state is not None:
+            self.on_state(ready, reason)
