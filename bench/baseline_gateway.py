@@ -145,7 +145,9 @@ class Gateway:
                 try:
                     data = json.loads(message["data"])
                 except ValueError:
-                    log.warning("dropping non-JSON payload on %s", symbol)
+                    data = None
+                if not isinstance(data, dict):   # trades are JSON objects
+                    log.warning("dropping a payload that is not a JSON object on %s", symbol)
                     continue
                 broadcast(subs, json.dumps(
                     {"type": "trade", "data": data, "timestamp": now_ms()}))

@@ -103,7 +103,7 @@ class RedisSubscriber:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._last_reply = 0.0
-        self._expected_ok = 0
+        self._refused = False
 
     # lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -131,7 +131,6 @@ class RedisSubscriber:
                 self._set_state(False, f"cannot connect to {self.target.describe()}: {why}")
                 log.warning("Redis %s unreachable (%s)", self.target.describe(), why)
             else:
-                self._proto = proto
                 keepalive = loop.create_task(self._keepalive(proto))
                 try:
                     exc = await proto.closed
@@ -173,18 +172,20 @@ class RedisSubscriber:
 
     # protocol callbacks ---------------------------------------------------
     def _on_connected(self, proto: _SubscriptionProtocol) -> None:
+        # Replies can arrive before _run resumes from the connect, so the
+        # protocol is recorded here, not there.
+        self._proto = proto
+        self._refused = False
         self.connects += 1
         self.dispatcher.reset()
         self._last_reply = time.monotonic()
         cmds = []
         t = self.target
-        self._expected_ok = 0
         if t.password is not None:
-            cmds.append(encode_command("AUTH", *( [t.username] if t.username else []), t.password))
-            self._expected_ok += 1
+            user = [t.username] if t.username else []
+            cmds.append(encode_command("AUTH", *user, t.password))
         if t.db:
             cmds.append(encode_command("SELECT", str(t.db)))
-            self._expected_ok += 1
         cmds.append(encode_command("PSUBSCRIBE", self.pattern))
         proto.transport.write(b"".join(cmds))
         self._set_state(False, "subscribing")
@@ -193,6 +194,9 @@ class RedisSubscriber:
         """Every reply that is not a trade message: confirmations, errors, pongs."""
         self._last_reply = time.monotonic()
         if isinstance(reply, hiredis.ReplyError):
+            if self._refused:  # the pipelined commands after a refusal fail too
+                return
+            self._refused = True
             text = str(reply)
             if text.startswith(("NOAUTH", "WRONGPASS", "NOPERM", "ERR AUTH", "ERR invalid password")):
                 log.error("Redis refused the gateway (%s): check the user, password and its "

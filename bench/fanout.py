@@ -1,0 +1,1014 @@
+#!/usr/bin/env python3
+"""End-to-end fan-out benchmark of the gateway variants.
+
+Starts its own redis-server on a free port, then for every scenario runs each
+variant in turn (alternating the order between repeats) on a fresh gateway
+process:
+
+    compiled   python -m gateway
+    purepy     GATEWAY_NO_EXTENSIONS=1 python -m gateway
+    baseline   python bench/baseline_gateway.py  (websockets + redis-py + json)
+
+The gateway runs alone on CPU 0 (taskset -c 0); Redis, the C publisher and the
+C epoll load client share CPU 1 with this script.  Gateway CPU is read from
+/proc/PID/stat (utime+stime) just before the publisher starts and just after
+the load client has seen the last expected frame, so it covers the delivery
+window only.
+
+Scenarios:
+    protocol  a Python client checks the protocol (welcome, subscribe, trade
+              envelope byte-for-byte, routing, ping, limit, unsubscribe)
+    market    100 symbols, 1,000 clients x 5 symbols, saturation
+    wide      10,000 symbols, 1,000 clients x 5 symbols, saturation
+    latency   market topology at fixed offered loads (open loop, 1 ms ticks)
+    memory    RSS per idle subscribed connection at 10,000 connections
+    hot       one symbol broadcast to 5,000 clients, saturation
+
+Usage:
+    python bench/fanout.py [--variants compiled,purepy,baseline]
+                           [--scenarios protocol,market,wide,latency,memory,hot]
+                           [--smoke] [--repeat N] [--out bench/results.json]
+
+Exit status: 0 when every case ran and was correct (no loss, order kept,
+protocol as specified); 3 when some case was incorrect; 1 on a harness error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GATEWAY_CPU = 0
+AUX_CPU = 1
+CHANNEL_PREFIX = "channel:trade:"
+ALL_VARIANTS = ["compiled", "purepy", "baseline"]
+ALL_SCENARIOS = ["protocol", "market", "wide", "latency", "memory", "hot"]
+
+
+class HarnessError(Exception):
+    """The harness could not run a case (not a finding about the gateway)."""
+
+
+# ---------------------------------------------------------------- sizes ----
+
+@dataclass
+class Sizes:
+    market_symbols: int = 100
+    market_clients: int = 1000
+    market_msgs: int = 40_000          # x ~50 subscribers = 2M deliveries
+    wide_symbols: int = 10_000
+    wide_clients: int = 1000
+    wide_msgs: int = 300_000           # every symbol 30 times; half have a subscriber
+    latency_loads: tuple = (50_000, 400_000, 1_000_000)   # deliveries/s offered
+    latency_duration_s: float = 5.0
+    latency_skip_ms: int = 500         # warm-up not counted in the percentiles
+    latency_drain_s: float = 10.0      # how long an overloaded gateway may lag
+    memory_clients: int = 10_000
+    hot_clients: int = 5000
+    hot_msgs: int = 400                # x 5,000 = 2M deliveries
+    per_client: int = 5
+    sample_every: int = 16
+    latency_sample_every: int = 4
+    sat_timeout_s: float = 90.0
+
+
+SMOKE = Sizes(
+    market_symbols=20, market_clients=50, market_msgs=400,
+    wide_symbols=500, wide_clients=50, wide_msgs=2000,
+    latency_loads=(5_000,), latency_duration_s=1.0, latency_skip_ms=100,
+    latency_drain_s=3.0, memory_clients=200, hot_clients=100, hot_msgs=20,
+    sample_every=4, latency_sample_every=2, sat_timeout_s=15.0,
+)
+
+
+# ------------------------------------------------------------ processes ----
+
+class Procs:
+    """Every child process, so that all of them die at the end, even on error."""
+
+    def __init__(self) -> None:
+        self.live: list[subprocess.Popen] = []
+
+    def start(self, argv, *, cpu: int | None, log: Path | None = None, env=None,
+              stdout=None, nofile: int | None = None) -> subprocess.Popen:
+        if cpu is not None and shutil.which("taskset"):
+            argv = ["taskset", "-c", str(cpu), *argv]
+
+        def preexec() -> None:
+            # Own process group: a signal to the harness does not reach the
+            # gateway mid-measurement, and cleanup can kill each group by id.
+            os.setpgrp()
+            if cpu is not None and not shutil.which("taskset"):
+                os.sched_setaffinity(0, {cpu})
+            if nofile:
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
+
+        logf = open(log, "ab") if log else None
+        try:
+            p = subprocess.Popen(argv, stdout=stdout if stdout is not None else (logf or subprocess.DEVNULL),
+                                 stderr=logf or subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                 env=env, preexec_fn=preexec, cwd=ROOT)
+        finally:
+            if logf:
+                logf.close()      # the child has its own copy
+        self.live.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, timeout: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        if p in self.live:
+            self.live.remove(p)
+        return p.returncode
+
+    def kill_all(self) -> None:
+        for p in list(self.live):
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(5)
+            self.live.remove(p)
+
+
+PROCS = Procs()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime+stime of a process (all threads) in seconds, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise HarnessError(f"no VmRSS for pid {pid}")
+
+
+# --------------------------------------------------------------- builds ----
+
+def build_tools() -> dict[str, Path]:
+    """Compile the C tools into a cache dir keyed by source hash (never into the repo)."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if not gcc:
+        raise HarnessError("gcc not found: the load client and publisher are C programs")
+    cache = Path(tempfile.gettempdir()) / "gateway-bench-build"
+    cache.mkdir(exist_ok=True)
+    out = {}
+    for name in ("loadclient", "publisher"):
+        src = BENCH / f"{name}.c"
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+        exe = cache / f"{name}-{digest}"
+        if not exe.exists():
+            tmp = cache / f".{name}-{digest}.{os.getpid()}"
+            r = subprocess.run([gcc, "-O2", "-Wall", "-o", str(tmp), str(src)],
+                               capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                raise HarnessError(f"building {name} failed:\n{r.stderr}")
+            tmp.replace(exe)   # atomic: concurrent runs never see half a binary
+        out[name] = exe
+    return out
+
+
+# ---------------------------------------------------------------- redis ----
+
+def resp_command(port: int, *args: str | bytes, timeout: float = 5.0):
+    """One Redis command over a raw socket (no client library, so the harness
+    itself depends on nothing the gateway variants use)."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"".join(parts))
+        buf = b""
+        while b"\r\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise HarnessError("redis closed the connection")
+            buf += chunk
+        line = buf.split(b"\r\n", 1)[0]
+        if line[:1] == b":":
+            return int(line[1:])
+        if line[:1] == b"+":
+            return line[1:].decode()
+        if line[:1] == b"-":
+            raise HarnessError(f"redis error: {line[1:].decode()}")
+        return line.decode()
+
+
+class Redis:
+    def __init__(self, workdir: Path) -> None:
+        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(exe).exists():
+            raise HarnessError("redis-server not found")
+        self.port = free_port()
+        # No persistence; no output-buffer limit for pub/sub clients, so Redis
+        # keeps a lagging gateway's backlog instead of disconnecting it.
+        self.proc = PROCS.start(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--client-output-buffer-limit", "pubsub 0 0 0",
+             "--maxclients", "1000", "--protected-mode", "no", "--loglevel", "warning",
+             "--dir", str(workdir)],
+            cpu=AUX_CPU, log=workdir / "redis.log")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if resp_command(self.port, "PING", timeout=1) == "PONG":
+                    break
+            except (OSError, HarnessError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise HarnessError("redis-server did not start; see redis.log")
+            time.sleep(0.05)
+
+    def numpat(self) -> int:
+        return resp_command(self.port, "PUBSUB", "NUMPAT")
+
+    def publish(self, channel: str, payload: bytes) -> int:
+        return resp_command(self.port, "PUBLISH", channel, payload)
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.proc.pid)
+
+
+# -------------------------------------------------------------- gateway ----
+
+def variant_available(variant: str) -> tuple[bool, str]:
+    if variant == "baseline":
+        return True, ""
+    probe = ("import gateway._fastpath" if variant == "compiled" else "import gateway")
+    env = dict(os.environ)
+    if variant == "purepy":
+        env["GATEWAY_NO_EXTENSIONS"] = "1"
+    try:
+        r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return False, f"`{probe}` timed out"
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+        return False, f"`{probe}` failed: {tail}"
+    return True, ""
+
+
+class Gateway:
+    def __init__(self, variant: str, redis: Redis, logdir: Path, tag: str,
+                 nofile: int = 20000) -> None:
+        self.variant = variant
+        self.port = free_port()
+        self.log = logdir / f"gateway-{tag}.log"
+        env = dict(os.environ)
+        env.update(WS_HOST="127.0.0.1", WS_PORT=str(self.port),
+                   REDIS_URL=f"redis://127.0.0.1:{redis.port}",
+                   WS_MAX_SYMBOLS="5", WS_CHANNEL_PREFIX=CHANNEL_PREFIX,
+                   LOG_LEVEL="WARNING", WS_STATS_INTERVAL="3600", PYTHONUNBUFFERED="1")
+        env.pop("GATEWAY_NO_EXTENSIONS", None)
+        if variant == "baseline":
+            argv = [sys.executable, str(BENCH / "baseline_gateway.py")]
+        else:
+            argv = [sys.executable, "-m", "gateway"]
+            if variant == "purepy":
+                env["GATEWAY_NO_EXTENSIONS"] = "1"
+        if redis.numpat() != 0:
+            raise HarnessError("a previous gateway still holds its Redis pattern")
+        self.proc = PROCS.start(argv, cpu=GATEWAY_CPU, log=self.log, env=env, nofile=nofile)
+        self.pid = self.proc.pid
+        # Ready = accepting TCP and PSUBSCRIBEd (else the first trades are lost).
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                raise HarnessError(f"{variant} gateway exited with {self.proc.returncode} "
+                                   f"at startup:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{variant} gateway not ready in 20 s:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    pass
+                if redis.numpat() >= 1:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.pid)
+
+    def rss_kib(self) -> int:
+        return proc_rss_kib(self.pid)
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def log_problems(self) -> list[str]:
+        """Tracebacks and ERROR lines the gateway logged during the case."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return []
+        lines = [l for l in text.splitlines()
+                 if "Traceback" in l or " ERROR " in l or "CRITICAL" in l]
+        return lines[:5]
+
+    def stop(self, redis: Redis) -> int | None:
+        rc = PROCS.stop(self.proc, timeout=10)
+        # Wait for Redis to notice the gateway's connection closed, so the next
+        # gateway's readiness check (NUMPAT >= 1) cannot see a stale pattern.
+        deadline = time.monotonic() + 10
+        while redis.numpat() != 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return rc
+
+
+# ----------------------------------------------------------- topologies ----
+
+def symbol_name(i: int) -> str:
+    """4 upper-case letters (AAAA, AAAB, ...): valid tickers, 456,976 of them."""
+    s = ""
+    for _ in range(4):
+        s = chr(65 + i % 26) + s
+        i //= 26
+    return s
+
+
+def per_symbol_counts(total_msgs: int, nsym: int) -> list[int]:
+    """The publisher sends message k to symbol k mod nsym."""
+    q, r = divmod(total_msgs, nsym)
+    return [q + (1 if s < r else 0) for s in range(nsym)]
+
+
+def client_symbols(nclients: int, nsym: int, per: int) -> list[list[int]]:
+    """Client i takes symbols per*i .. per*i+per-1 (mod nsym): with 1,000 x 5 of
+    100 symbols every symbol has exactly 50 subscribers."""
+    per = min(per, nsym)
+    return [[(per * i + j) % nsym for j in range(per)] for i in range(nclients)]
+
+
+@dataclass
+class Topology:
+    nsym: int
+    clients: list[list[int]]
+
+    @property
+    def subscribers(self) -> list[int]:
+        n = [0] * self.nsym
+        for syms in self.clients:
+            for s in syms:
+                n[s] += 1
+        return n
+
+    def write(self, workdir: Path, tag: str, msgs_per_symbol: list[int] | None) -> tuple[Path, Path, int]:
+        symfile = workdir / f"symbols-{tag}.txt"
+        symfile.write_text("".join(symbol_name(i) + "\n" for i in range(self.nsym)))
+        connfile = workdir / f"conns-{tag}.txt"
+        total = 0
+        lines = []
+        for syms in self.clients:
+            exp = sum(msgs_per_symbol[s] for s in syms) if msgs_per_symbol else 0
+            total += exp
+            lines.append(f"{exp} {' '.join(symbol_name(s) for s in syms)}\n")
+        connfile.write_text("".join(lines))
+        return symfile, connfile, total
+
+
+# ----------------------------------------------------------- load runs ----
+
+class LoadClient:
+    def __init__(self, exe: Path, port: int, connfile: Path, *, deadline_s: float,
+                 sample: int, idle_ms: int = 0, skip_ms: int = 0, hold: bool = False,
+                 grace_ms: int = 0, inflight: int = 64, workdir: Path) -> None:
+        argv = [str(exe), "-p", str(port), "-f", str(connfile), "-d", f"{deadline_s:.1f}",
+                "-s", str(sample), "-i", str(idle_ms), "-k", str(skip_ms),
+                "-g", str(grace_ms), "-m", str(inflight)]
+        if hold:
+            argv.append("-w")
+        self.deadline_s = deadline_s
+        self.out_path = workdir / f"loadclient-{time.monotonic_ns()}.out"
+        self.out = open(self.out_path, "wb")
+        self.proc = PROCS.start(argv, cpu=AUX_CPU, stdout=self.out,
+                                log=workdir / "loadclient.log", nofile=20000)
+        self.started = time.monotonic()
+
+    def _lines(self) -> list[str]:
+        return self.out_path.read_text(errors="replace").splitlines()
+
+    def wait_ready(self, timeout: float) -> tuple[int, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self._lines():
+                if line.startswith("READY"):
+                    _, ok, failed = line.split()
+                    return int(ok), int(failed)
+            if self.proc.poll() is not None:
+                raise HarnessError(f"load client exited ({self.proc.returncode}) before READY")
+            time.sleep(0.02)
+        raise HarnessError(f"load client not READY after {timeout:.0f} s")
+
+    def finish(self, timeout: float, terminate: bool = False) -> dict:
+        if terminate:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            PROCS.stop(self.proc, timeout=2)
+            raise HarnessError("load client did not finish in time")
+        PROCS.stop(self.proc)
+        self.out.close()
+        for line in reversed(self._lines()):
+            if line.startswith("{"):
+                return json.loads(line)
+        raise HarnessError("load client printed no report")
+
+
+def run_publisher(exe: Path, redis: Redis, symfile: Path, workdir: Path, *,
+                  total: int | None = None, rate: int | None = None,
+                  duration_s: float | None = None, timeout: float) -> dict:
+    argv = [str(exe), "-p", str(redis.port), "-s", str(symfile), "-P", CHANNEL_PREFIX]
+    if rate:
+        argv += ["-m", "rate", "-r", str(rate), "-d", f"{duration_s:.3f}"]
+    else:
+        argv += ["-m", "sat", "-n", str(total)]
+    outp = workdir / f"publisher-{time.monotonic_ns()}.out"
+    with open(outp, "wb") as out:
+        p = PROCS.start(argv, cpu=AUX_CPU, stdout=out, log=workdir / "publisher.log")
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            PROCS.stop(p, timeout=1)
+            raise HarnessError("publisher did not finish in time")
+        PROCS.stop(p)
+    lines = [l for l in outp.read_text().splitlines() if l.startswith("{")]
+    if not lines:
+        raise HarnessError(f"publisher failed (exit {p.returncode})")
+    return json.loads(lines[-1])
+
+
+def correctness_problems(lc: dict, pub: dict | None, *, allow_missing: bool = False) -> list[str]:
+    """Everything that makes a delivery run wrong, as short human strings."""
+    probs = []
+    for key in ("connect_failures", "upgrade_errors", "subscribe_errors", "server_closes",
+                "closed_while_active", "extra", "seq_gaps", "seq_dups", "wrong_symbol",
+                "parse_errors"):
+        if lc.get(key):
+            probs.append(f"{key}={lc[key]}")
+    if lc.get("missing") and not allow_missing:
+        probs.append(f"missing={lc['missing']} of {lc['expected_total']} deliveries")
+    if pub is not None:
+        if pub.get("receivers_zero"):
+            probs.append(f"{pub['receivers_zero']} publishes reached no subscriber in Redis")
+        if pub.get("errors"):
+            probs.append(f"publisher errors={pub['errors']}")
+    return probs
+
+
+def slim(lc: dict) -> dict:
+    return {k: v for k, v in lc.items() if k != "latency_hist"}
+
+
+# ------------------------------------------------------------ scenarios ----
+
+@dataclass
+class Ctx:
+    tools: dict
+    redis: Redis
+    workdir: Path
+    sizes: Sizes
+    smoke: bool
+    results: list = field(default_factory=list)
+
+
+def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msgs: int | None = None,
+                  rate: int | None = None, duration_s: float | None = None, sample: int,
+                  skip_ms: int = 0, allow_overload: bool = False, inflight: int = 64) -> dict:
+    """One gateway, one load client, one publisher run; returns the case record."""
+    sz = ctx.sizes
+    if rate:
+        nticks = int(duration_s * 1000 + 0.5)
+        total_msgs = int(rate * nticks / 1000)
+    counts = per_symbol_counts(total_msgs, topo.nsym)
+    symfile, connfile, expected = topo.write(ctx.workdir, tag, counts)
+    gw = Gateway(variant, ctx.redis, ctx.workdir, tag)
+    try:
+        n = len(topo.clients)
+        connect_budget = 30 + n / 200        # generous: a slow gateway accepts ~1k/s
+        run_budget = (duration_s + sz.latency_drain_s) if rate else sz.sat_timeout_s
+        lc = LoadClient(ctx.tools["loadclient"], gw.port, connfile,
+                        deadline_s=connect_budget + run_budget, sample=sample,
+                        idle_ms=0 if rate else 5000, skip_ms=skip_ms, grace_ms=200,
+                        inflight=inflight, workdir=ctx.workdir)
+        try:
+            ok_conns, failed = lc.wait_ready(connect_budget)
+        except HarnessError:
+            PROCS.stop(lc.proc, timeout=2)
+            raise
+        rss_ready = gw.rss_kib()
+        cpu0, rcpu0, t0_real = gw.cpu_s(), ctx.redis.cpu_s(), time.time_ns()
+        pub = run_publisher(ctx.tools["publisher"], ctx.redis, symfile, ctx.workdir,
+                            total=None if rate else total_msgs, rate=rate, duration_s=duration_s,
+                            timeout=(duration_s + 15) if rate else sz.sat_timeout_s)
+        rep = lc.finish(timeout=run_budget + 30)
+        cpu1, rcpu1 = gw.cpu_s(), ctx.redis.cpu_s()
+        alive = gw.alive()
+        rss_end = gw.rss_kib() if alive else None
+    finally:
+        rc = gw.stop(ctx.redis)
+    frames = rep["frames_total"]
+    window_s = max((rep["t_last_ns"] - t0_real) / 1e9, 1e-9) if frames else None
+    gw_cpu = cpu1 - cpu0
+    overloaded = False
+    if rate:
+        # Sustained = everything arrived and the last frame came within a second of the
+        # schedule's end; otherwise the gateway fell behind the offered load.
+        overloaded = bool(rep["missing"]) or (window_s or 0) > duration_s + 1.0
+    probs = correctness_problems(rep, pub, allow_missing=allow_overload and overloaded)
+    if not alive:
+        probs.append(f"gateway died during the case (exit {gw.proc.returncode})")
+    probs += [f"gateway log: {l}" for l in gw.log_problems()]
+    lc_cpu = rep["cpu_user_s"] + rep["cpu_sys_s"] - rep.get("cpu_at_ready_s", 0)
+    return {
+        "variant": variant, "clients": n, "symbols": topo.nsym,
+        "published": pub["sent"], "expected_deliveries": expected, "deliveries": frames,
+        "missing": rep["missing"], "order_violations": rep["seq_gaps"] + rep["seq_dups"],
+        "window_s": window_s,
+        "deliveries_per_s": frames / window_s if window_s else 0,
+        "gateway_cpu_s": gw_cpu,
+        "gateway_cpu_util": gw_cpu / window_s if window_s else None,
+        "gateway_cpu_us_per_delivery": gw_cpu / frames * 1e6 if frames else None,
+        "gateway_cpu_us_per_publish": gw_cpu / pub["sent"] * 1e6 if pub["sent"] else None,
+        "gateway_rss_kib_ready": rss_ready, "gateway_rss_kib_end": rss_end,
+        "gateway_exit_code": rc,
+        "redis_cpu_s": rcpu1 - rcpu0,
+        "loadclient_cpu_s": lc_cpu,
+        "loadclient_cpu_us_per_delivery": lc_cpu / frames * 1e6 if frames else None,
+        "publisher_cpu_s": pub["cpu_user_s"] + pub["cpu_sys_s"],
+        "latency_us": rep["latency_us"], "latency_hist": rep.get("latency_hist"),
+        "offered_deliveries_per_s": (rate * expected / total_msgs) if rate and total_msgs else None,
+        "overloaded": overloaded, "connected": ok_conns, "connect_failed": failed,
+        "ok": not probs, "problems": probs,
+        "loadclient": slim(rep), "publisher": pub,
+    }
+
+
+def scen_market(ctx: Ctx, variant: str) -> list[dict]:
+    sz = ctx.sizes
+    topo = Topology(sz.market_symbols, client_symbols(sz.market_clients, sz.market_symbols, sz.per_client))
+    return [delivery_case(ctx, variant, f"market-{variant}", topo, total_msgs=sz.market_msgs,
+                          sample=sz.sample_every)]
+
+
+def scen_wide(ctx: Ctx, variant: str) -> list[dict]:
+    sz = ctx.sizes
+    topo = Topology(sz.wide_symbols, client_symbols(sz.wide_clients, sz.wide_symbols, sz.per_client))
+    return [delivery_case(ctx, variant, f"wide-{variant}", topo, total_msgs=sz.wide_msgs,
+                          sample=sz.sample_every)]
+
+
+def scen_hot(ctx: Ctx, variant: str) -> list[dict]:
+    sz = ctx.sizes
+    topo = Topology(1, [[0] for _ in range(sz.hot_clients)])
+    return [delivery_case(ctx, variant, f"hot-{variant}", topo, total_msgs=sz.hot_msgs,
+                          sample=sz.sample_every * 4, inflight=128)]
+
+
+def scen_latency(ctx: Ctx, variant: str) -> list[dict]:
+    sz = ctx.sizes
+    topo = Topology(sz.market_symbols, client_symbols(sz.market_clients, sz.market_symbols, sz.per_client))
+    fan = sum(topo.subscribers) / topo.nsym          # deliveries per publish
+    out = []
+    for load in sz.latency_loads:
+        rate = max(1, round(load / fan))
+        rec = delivery_case(ctx, variant, f"latency{load}-{variant}", topo, rate=rate,
+                            duration_s=sz.latency_duration_s, sample=sz.latency_sample_every,
+                            skip_ms=sz.latency_skip_ms, allow_overload=True)
+        rec["offered_label"] = load
+        out.append(rec)
+    return out
+
+
+def scen_memory(ctx: Ctx, variant: str) -> list[dict]:
+    sz = ctx.sizes
+    topo = Topology(sz.market_symbols, client_symbols(sz.memory_clients, sz.market_symbols, sz.per_client))
+    tag = f"memory-{variant}"
+    _, connfile, _ = topo.write(ctx.workdir, tag, None)
+    gw = Gateway(variant, ctx.redis, ctx.workdir, tag)
+    probs: list[str] = []
+    try:
+        time.sleep(0.5)                       # let start-up allocations settle
+        rss_before = gw.rss_kib()
+        n = len(topo.clients)
+        budget = 30 + n / 200
+        lc = LoadClient(ctx.tools["loadclient"], gw.port, connfile, deadline_s=budget + 30,
+                        sample=0, hold=True, inflight=64, workdir=ctx.workdir)
+        t0 = time.monotonic()
+        ok_conns, failed = lc.wait_ready(budget)
+        connect_s = time.monotonic() - t0
+        time.sleep(1.0)                       # all replies written, buffers drained
+        rss_after = gw.rss_kib()
+        rep = lc.finish(timeout=20, terminate=True)
+        # After every client left, RSS that does not come back hints at a leak
+        # (or simply at the allocator keeping freed pages; read it as a hint).
+        time.sleep(1.5)
+        alive = gw.alive()
+        rss_closed = gw.rss_kib() if alive else None
+    finally:
+        rc = gw.stop(ctx.redis)
+    if failed:
+        probs.append(f"{failed} connections failed")
+    if rep.get("subscribe_errors"):
+        probs.append(f"subscribe_errors={rep['subscribe_errors']}")
+    if not alive:
+        probs.append("gateway died during the case")
+    probs += [f"gateway log: {l}" for l in gw.log_problems()]
+    per = (rss_after - rss_before) / ok_conns if ok_conns else None
+    return [{
+        "variant": variant, "clients": n, "connected": ok_conns, "connect_failed": failed,
+        "connect_s": connect_s, "connects_per_s": ok_conns / connect_s if connect_s else None,
+        "gateway_rss_kib_before": rss_before, "gateway_rss_kib_after": rss_after,
+        "gateway_rss_kib_after_close": rss_closed,
+        "rss_kib_per_conn": per, "gateway_exit_code": rc,
+        "loadclient_cpu_s": rep["cpu_user_s"] + rep["cpu_sys_s"],
+        "ok": not probs, "problems": probs, "loadclient": slim(rep),
+    }]
+
+
+def scen_protocol(ctx: Ctx, variant: str) -> list[dict]:
+    """Protocol conformance with a plain Python client (websockets, sync API).
+
+    Each step is checked on its own, so one failure does not hide the rest.
+    """
+    from websockets.sync.client import connect   # bench-only dependency
+    gw = Gateway(variant, ctx.redis, ctx.workdir, f"protocol-{variant}")
+    checks: list[dict] = []
+    # The byte-for-byte envelope is the gateway's contract; the baseline
+    # re-serialises with json.dumps on purpose, so there it is informational.
+    strict_bytes = variant != "baseline"
+    envelope = re.compile(rb'\{"type":"trade","data":(.*),"timestamp":(\d+)\}', re.S)
+
+    def check(name: str, ok: bool, detail: str = "", strict: bool = True) -> None:
+        checks.append({"check": name, "ok": bool(ok), "strict": strict, "detail": detail[:300]})
+
+    def recv_json(ws, timeout: float = 3.0):
+        raw = ws.recv(timeout=timeout)
+        return raw, json.loads(raw)
+
+    def drain(ws) -> None:
+        """After a failed step, drop whatever is still queued for this client."""
+        with contextlib.suppress(Exception):
+            while True:
+                ws.recv(timeout=0.3)
+
+    def step(name: str, fn, *clients) -> None:
+        before = len(checks)
+        try:
+            fn()
+        except Exception as e:   # a failed step is a finding about the gateway
+            check(name, False, f"{type(e).__name__}: {e}")
+        if any(not c["ok"] for c in checks[before:]):
+            for c in clients:    # resynchronise: the next step starts on a quiet line
+                drain(c)
+
+    def trade_roundtrip(ws, symbol: str, payload: bytes, label: str, strict: bool = True) -> None:
+        """Publish payload and check the envelope semantically and byte-for-byte."""
+        ctx.redis.publish(CHANNEL_PREFIX + symbol, payload)
+        raw = ws.recv(timeout=3)
+        rawb = raw.encode() if isinstance(raw, str) else raw
+        text = rawb.decode(errors="replace")
+        env = json.loads(rawb)
+        check(f"{label}: text frame", isinstance(raw, str), type(raw).__name__)
+        check(f"{label}: envelope semantics", env.get("type") == "trade"
+              and env.get("data") == json.loads(payload)
+              and isinstance(env.get("timestamp"), int), text)
+        m = envelope.fullmatch(rawb)
+        check(f"{label}: byte-for-byte", bool(m) and m.group(1) == payload, text,
+              strict=strict and strict_bytes)
+        if m:
+            check(f"{label}: timestamp is ms now",
+                  abs(int(m.group(2)) - time.time() * 1000) < 10_000, m.group(2).decode())
+
+    url = f"ws://127.0.0.1:{gw.port}/"
+    try:
+        with connect(url, open_timeout=5, close_timeout=2, compression=None,
+                     max_size=2**20) as a, \
+                connect(url, open_timeout=5, close_timeout=2, compression=None) as b:
+
+            def welcome():
+                raw, w = recv_json(a)
+                check("welcome", w.get("type") == "success"
+                      and w.get("message") == "Connected to WebSocket Gateway"
+                      and isinstance(w.get("data"), dict)
+                      and w["data"].get("maxSymbolsPerConnection") == 5
+                      and bool(w["data"].get("connectionId")) and bool(w["data"].get("serverId"))
+                      and isinstance(w.get("timestamp"), int), raw)
+                recv_json(b)
+            step("welcome", welcome, a, b)
+
+            def subscribe():
+                a.send(json.dumps({"action": "subscribe", "symbols": ["aapl", "MSFT"]}))
+                raw, r = recv_json(a)
+                check("subscribe reply (upper-cased)", r.get("type") == "success"
+                      and r.get("message") == "Successfully subscribed to 2 symbol(s)"
+                      and set(r.get("data", {}).get("currentSubscriptions", [])) == {"AAPL", "MSFT"},
+                      raw)
+                b.send(json.dumps({"action": "subscribe", "symbols": ["MSFT"]}))
+                recv_json(b)
+            step("subscribe", subscribe, a, b)
+
+            # Payloads a trade feed can produce.  A gateway that re-serialises
+            # changes these bytes; the contract says it must not.
+            payloads = {
+                "odd spacing and escapes":
+                    b'{"symbol": "AAPL",  "price":150.25, "note":"caf\\u00e9 \\"q\\"",'
+                    b'"volume":100,"conditions":["@","T"],"exchange":"NASDAQ"}',
+                # json.dumps writes small floats this way (1e-05)
+                "exponent numbers":
+                    b'{"symbol":"AAPL","price":1.5025e2,"fee":1e-05,"volume":100}',
+                "raw UTF-8 and nesting":
+                    '{"symbol":"AAPL","venue":{"name":"Börse","ids":[1,2,[3]]},"ok":true,"x":null}'.encode(),
+                "large (70 KB, 64-bit frame length)":
+                    b'{"symbol":"AAPL","blob":"' + b"x" * 70_000 + b'"}',
+            }
+            for label, payload in payloads.items():
+                step(label, lambda l=label, p=payload: trade_roundtrip(a, "AAPL", p, l), a)
+
+            def bad_payloads():
+                # Not JSON objects: must not reach clients, must not break the feed.
+                for junk in (b"not json", b"[1,2,3]", b'{"unterminated":', b""):
+                    ctx.redis.publish(CHANNEL_PREFIX + "AAPL", junk)
+                trade_roundtrip(a, "AAPL", b'{"symbol":"AAPL","after":"junk"}', "after junk payloads")
+            step("after junk payloads", bad_payloads, a)
+
+            def routing():
+                # GOOG has no subscriber here; MSFT goes to both clients once.
+                ctx.redis.publish(CHANNEL_PREFIX + "GOOG", b'{"symbol":"GOOG","n":1}')
+                ctx.redis.publish(CHANNEL_PREFIX + "MSFT", b'{"symbol":"MSFT","n":2}')
+                _, ra = recv_json(a)
+                _, rb_ = recv_json(b)
+                check("routing by symbol", ra.get("data", {}).get("symbol") == "MSFT"
+                      and rb_.get("data", {}).get("symbol") == "MSFT", f"{ra} / {rb_}")
+            step("routing by symbol", routing, a, b)
+
+            def ping():
+                a.send(json.dumps({"action": "ping"}))
+                raw, r = recv_json(a)
+                check("ping -> pong", r.get("type") == "pong", raw)
+            step("ping -> pong", ping, a)
+
+            def limit():
+                a.send(json.dumps({"action": "subscribe", "symbols": ["A", "B", "C", "D"]}))
+                raw, r = recv_json(a)
+                check("limit of 5 symbols", r.get("type") == "error"
+                      and "exceed" in r.get("message", ""), raw)
+            step("limit of 5 symbols", limit, a)
+
+            def unsubscribe():
+                a.send(json.dumps({"action": "unsubscribe", "symbols": ["aapl"]}))
+                raw, r = recv_json(a)
+                check("unsubscribe reply", r.get("type") == "success"
+                      and r.get("data", {}).get("currentSubscriptions") == ["MSFT"], raw)
+                ctx.redis.publish(CHANNEL_PREFIX + "AAPL", b'{"symbol":"AAPL","n":3}')
+                ctx.redis.publish(CHANNEL_PREFIX + "MSFT", b'{"symbol":"MSFT","n":4}')
+                _, r = recv_json(a)
+                check("no delivery after unsubscribe", r.get("data", {}).get("n") == 4, str(r))
+                recv_json(b)
+            step("unsubscribe", unsubscribe, a, b)
+
+            def bad_input():
+                a.send("this is not json")
+                raw, r = recv_json(a)
+                check("invalid JSON -> error reply", r.get("type") == "error", raw)
+                a.send(json.dumps({"action": "ping"}))
+                check("connection usable after bad input", recv_json(a)[1].get("type") == "pong")
+            step("bad client input", bad_input, a)
+    except Exception as e:
+        check("protocol session", False, f"{type(e).__name__}: {e}")
+    finally:
+        alive = gw.alive()
+        rc = gw.stop(ctx.redis)
+    if not alive:
+        check("gateway alive after protocol session", False, f"exit {rc}")
+    for line in gw.log_problems():
+        check("gateway logged no errors", False, line, strict=False)
+    probs = [f"{c['check']}: {c['detail']}" for c in checks if c["strict"] and not c["ok"]]
+    return [{"variant": variant, "checks": checks, "gateway_exit_code": rc,
+             "ok": not probs, "problems": probs}]
+
+
+SCENARIOS = {"protocol": scen_protocol, "market": scen_market, "wide": scen_wide,
+             "latency": scen_latency, "memory": scen_memory, "hot": scen_hot}
+
+
+# ------------------------------------------------------------- reporting ----
+
+def fmt(v, spec=".2f", none="-"):
+    if v is None:
+        return none
+    return format(v, spec)
+
+
+def markdown(results: list[dict]) -> str:
+    out = []
+    by = {}
+    for r in results:
+        by.setdefault(r["scenario"], []).append(r)
+
+    def table(header, rows):
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        out.extend("| " + " | ".join(map(str, row)) + " |" for row in rows)
+        out.append("")
+
+    for scen, rs in by.items():
+        out.append(f"### {scen}")
+        out.append("")
+        if scen == "protocol":
+            table(["variant", "ok", "failed checks"],
+                  [[r["variant"], r.get("ok"), "; ".join(
+                      c["check"] + ("" if c["strict"] else " (info)")
+                      for c in r.get("checks", []) if not c["ok"]) or "-"] for r in rs])
+        elif scen == "memory":
+            table(["variant", "ok", "conns", "connect/s", "RSS before MiB", "RSS after MiB",
+                   "KiB per conn", "RSS after close MiB"],
+                  [[r["variant"], r.get("ok"), r.get("connected"), fmt(r.get("connects_per_s"), ".0f"),
+                    fmt(r["gateway_rss_kib_before"] / 1024 if r.get("gateway_rss_kib_before") else None, ".1f"),
+                    fmt(r["gateway_rss_kib_after"] / 1024 if r.get("gateway_rss_kib_after") else None, ".1f"),
+                    fmt(r.get("rss_kib_per_conn"), ".1f"),
+                    fmt(r["gateway_rss_kib_after_close"] / 1024 if r.get("gateway_rss_kib_after_close") else None, ".1f")]
+                   for r in rs])
+        elif scen == "latency":
+            table(["variant", "offered/s", "achieved/s", "sustained", "p50 ms", "p99 ms", "p99.9 ms",
+                   "max ms", "gw CPU util", "gw µs/deliv", "lc CPU s", "pub CPU s", "missing", "ok"],
+                  [[r["variant"], r.get("offered_label", "-"), fmt(r.get("deliveries_per_s"), ",.0f"),
+                    "no" if r.get("overloaded") else "yes",
+                    fmt(r["latency_us"]["p50"] / 1000, ".3f"), fmt(r["latency_us"]["p99"] / 1000, ".3f"),
+                    fmt(r["latency_us"]["p999"] / 1000, ".3f"), fmt(r["latency_us"]["max"] / 1000, ".3f"),
+                    fmt(r.get("gateway_cpu_util"), ".0%"), fmt(r.get("gateway_cpu_us_per_delivery")),
+                    fmt(r.get("loadclient_cpu_s")), fmt(r.get("publisher_cpu_s")), r.get("missing"),
+                    r.get("ok")] for r in rs if "latency_us" in r])
+        else:
+            table(["variant", "published", "deliveries", "missing", "order viol.", "deliveries/s",
+                   "gw µs/deliv", "gw µs/publish", "p99 ms", "lc µs/deliv", "pub CPU s", "redis CPU s", "ok"],
+                  [[r["variant"], r.get("published"), r.get("deliveries"), r.get("missing"),
+                    r.get("order_violations"), fmt(r.get("deliveries_per_s"), ",.0f"),
+                    fmt(r.get("gateway_cpu_us_per_delivery")), fmt(r.get("gateway_cpu_us_per_publish")),
+                    fmt(r["latency_us"]["p99"] / 1000 if r.get("latency_us") else None, ".1f"),
+                    fmt(r.get("loadclient_cpu_us_per_delivery"), ".3f"), fmt(r.get("publisher_cpu_s")),
+                    fmt(r.get("redis_cpu_s")), r.get("ok")] for r in rs if "deliveries" in r])
+        bad = [r for r in rs if not r.get("ok")]
+        for r in bad:
+            out.append(f"- **{r['variant']}**: " + "; ".join(r.get("problems") or [r.get("error", "?")]))
+        if bad:
+            out.append("")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ main ----
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Gateway fan-out benchmark")
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, whole run in seconds")
+    p.add_argument("--repeat", type=int, default=1, help="runs per variant, order alternating")
+    p.add_argument("--out", default=str(BENCH / "results.json"))
+    p.add_argument("--keep-workdir", action="store_true", help="keep logs and temp files")
+    a = p.parse_args(argv)
+    a.variants = [v for v in a.variants.split(",") if v]
+    a.scenarios = [s for s in a.scenarios.split(",") if s]
+    for v in a.variants:
+        if v not in ALL_VARIANTS:
+            p.error(f"unknown variant {v}")
+    for s in a.scenarios:
+        if s not in SCENARIOS:
+            p.error(f"unknown scenario {s}")
+    return a
+
+
+def meta(args) -> dict:
+    def ver(mod):
+        try:
+            from importlib.metadata import version
+            return version(mod)
+        except Exception:
+            return None
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                    if l.startswith("model name")), "")
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke,
+            "variants": args.variants, "scenarios": args.scenarios, "repeat": args.repeat,
+            "python": platform.python_version(), "cpu": cpu, "ncpu": os.cpu_count(),
+            "kernel": platform.release(),
+            "versions": {m: ver(m) for m in ("websockets", "redis", "picows", "hiredis",
+                                             "orjson", "uvloop", "ws-gateway")},
+            "pinning": {"gateway": GATEWAY_CPU, "redis+publisher+loadclient+harness": AUX_CPU}}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sizes = SMOKE if args.smoke else Sizes()
+    # This script polls and parses on the auxiliary core, never on the gateway's.
+    if (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {AUX_CPU})
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    results: list[dict] = []
+    harness_error = None
+    t_start = time.monotonic()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+
+    try:
+        tools = build_tools()
+        redis = Redis(workdir)
+        ctx = Ctx(tools, redis, workdir, sizes, args.smoke, results)
+        avail = {v: variant_available(v) for v in args.variants}
+        for scen in args.scenarios:
+            for rep in range(args.repeat):
+                order = args.variants if rep % 2 == 0 else list(reversed(args.variants))
+                for v in order:
+                    base = {"scenario": scen, "variant": v, "repeat": rep}
+                    ok, why = avail[v]
+                    if not ok:
+                        results.append({**base, "skipped": why, "ok": True})
+                        print(f"[skip] {scen}/{v}: {why}", file=sys.stderr)
+                        continue
+                    t = time.monotonic()
+                    try:
+                        for rec in SCENARIOS[scen](ctx, v):
+                            results.append({**base, **rec})
+                    except HarnessError as e:
+                        # A gateway that cannot start or crashes is a finding for
+                        # that case; the run goes on with the next one.
+                        results.append({**base, "ok": False, "error": str(e), "problems": [str(e)]})
+                    status = "ok" if all(r.get("ok") for r in results if r["scenario"] == scen
+                                         and r["variant"] == v and r["repeat"] == rep) else "FAIL"
+                    print(f"[{status}] {scen}/{v} in {time.monotonic() - t:.1f}s", file=sys.stderr)
+    except (HarnessError, KeyboardInterrupt) as e:
+        harness_error = str(e) or type(e).__name__
+        print(f"harness error: {harness_error}", file=sys.stderr)
+    finally:
+        PROCS.kill_all()
+        doc = {"meta": meta(args), "duration_s": time.monotonic() - t_start,
+               "harness_error": harness_error, "workdir": str(workdir), "results": results}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1))
+        print(markdown(results))
+        print(f"\nresults: {out}  ({doc['duration_s']:.1f} s)")
+        bad = [r for r in results if not r.get("ok")]
+        if args.keep_workdir or bad or harness_error:
+            print(f"logs: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if harness_error:
+        return 1
+    return 3 if any(not r.get("ok") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

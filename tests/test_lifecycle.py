@@ -1,0 +1,322 @@
+"""Connections, Redis and the process over time: heartbeat, churn, slow
+consumers, Redis going away, signals, configuration and stats."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+import websockets
+
+from conftest import (ROOT, RedisServer, free_port, gateway_env, running_gateway, spawn_gateway,
+                      wait_until)
+
+
+async def client(port, symbols=(), **kwargs):
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}", **kwargs)
+    await ws.recv()
+    if symbols:
+        await ws.send(orjson.dumps({"action": "subscribe", "symbols": list(symbols)}).decode())
+        assert orjson.loads(await ws.recv())["type"] == "success"
+    return ws
+
+
+def raw_upgrade(port, rcvbuf: int | None = None) -> socket.socket:
+    """A WebSocket client that does only what the test tells it (here: nothing)."""
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(4096)
+    assert buf.startswith(b"HTTP/1.1 101")
+    return s
+
+
+def masked_text(payload: bytes) -> bytes:
+    mask = b"\x11\x22\x33\x44"
+    assert len(payload) < 126
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(
+        b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+# -- heartbeat ---------------------------------------------------------------
+
+def test_heartbeat_keeps_answering_clients_drops_silent_ones(aio, impl, redis_server):
+    async def main():
+        async with running_gateway(impl, redis_server.url, heartbeat_interval=0.2) as gw:
+            loop = asyncio.get_running_loop()
+            # websockets answers pings by itself; its own keepalive is off so
+            # only the gateway's pings are in play.
+            good = await client(gw.port, ["HB"], ping_interval=None)
+            silent = await loop.run_in_executor(None, raw_upgrade, gw.port)
+            silent.sendall(masked_text(b'{"action":"subscribe","symbols":["HB"]}'))
+            await wait_until(lambda: gw.table.subscription_count == 2)
+            await wait_until(lambda: len(gw.connections) == 1, timeout=3)
+            assert gw.heartbeat_timeouts == 1
+            assert gw.table.subscribers("HB") and gw.table.subscription_count == 1
+            await asyncio.sleep(0.6)  # three more heartbeats
+            assert len(gw.connections) == 1
+            await good.send('{"action":"ping"}')
+            assert orjson.loads(await good.recv())["type"] == "pong"
+            # The silent one saw pings, then the connection end.
+            data = b""
+            silent.settimeout(2)
+            try:
+                while chunk := silent.recv(4096):
+                    data += chunk
+            except OSError:
+                pass
+            assert b"\x89" in data  # a ping frame reached it
+            silent.close()
+            await good.close()
+    aio(main())
+
+
+# -- churn ---------------------------------------------------------------------
+
+def test_connect_subscribe_disconnect_churn_leaves_table_empty(aio, impl, redis_server):
+    async def main():
+        async with running_gateway(impl, redis_server.url) as gw:
+            async def cycle(i):
+                ws = await client(gw.port, [f"C{i % 37}", f"C{(i * 7) % 37}", "ALL"])
+                if i % 3 == 0:
+                    await ws.close()
+                else:  # vanish without a close handshake
+                    ws.transport.abort()
+            for start in range(0, 2000, 50):
+                await asyncio.gather(*(cycle(i) for i in range(start, start + 50)))
+            await wait_until(lambda: not gw.connections and gw.table.subscription_count == 0, 10)
+            assert len(gw.table) == 0 and gw.table.symbols() == []
+            assert gw.connections_total == 2000
+    aio(main(), timeout=180)
+
+
+# -- slow consumers ------------------------------------------------------------
+
+def test_slow_consumer_is_disconnected_others_unaffected(aio, impl, redis_server):
+    async def main():
+        async with running_gateway(impl, redis_server.url, max_buffered_bytes=256 * 1024) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            loop = asyncio.get_running_loop()
+            stalled = await loop.run_in_executor(None, raw_upgrade, gw.port, 4096)
+            stalled.sendall(masked_text(b'{"action":"subscribe","symbols":["FLOOD"]}'))
+            healthy = await client(gw.port, ["FLOOD"], max_queue=None)
+            await wait_until(lambda: gw.table.subscription_count == 2)
+            r = redis_server.client()
+            total = 30000
+            payload = b'{"symbol":"FLOOD","seq":%d,"pad":"' + b"x" * 150 + b'"}'
+
+            def publish():
+                for start in range(0, total, 1000):
+                    pipe = r.pipeline(transaction=False)
+                    for n in range(start, start + 1000):
+                        pipe.publish("channel:trade:FLOOD", payload % n)
+                    pipe.execute()
+            pub = loop.run_in_executor(None, publish)
+            for n in range(total):
+                msg = orjson.loads(await asyncio.wait_for(healthy.recv(), 10))
+                assert msg["data"]["seq"] == n
+            await pub
+            assert gw.slow_consumers == 1
+            await wait_until(lambda: len(gw.connections) == 1, timeout=5)
+            assert gw.table.subscription_count == 1
+            stalled.close()
+            await healthy.close()
+    aio(main(), timeout=120)
+
+
+# -- Redis faults ------------------------------------------------------------------
+
+def test_redis_restart_clients_stay_delivery_resumes(aio, impl, own_redis):
+    async def main():
+        own_redis.start()
+        async with running_gateway(impl, own_redis.url) as gw:
+            gw.redis.backoff.cap = 0.2
+            await wait_until(lambda: gw.redis.ready)
+            ws = await client(gw.port, ["RR"])
+            own_redis.client().publish("channel:trade:RR", b'{"n":1}')
+            assert orjson.loads(await ws.recv())["data"] == {"n": 1}
+            own_redis.kill()
+            await wait_until(lambda: not gw.redis.ready)
+            own_redis.start()
+            await wait_until(lambda: gw.redis.ready, timeout=10)
+            assert gw.redis.reconnects >= 1
+            assert own_redis.client().publish("channel:trade:RR", b'{"n":2}') == 1
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["data"] == {"n": 2}
+            assert len(gw.connections) == 1
+            await ws.close()
+    aio(main())
+
+
+def test_redis_unreachable_at_start_then_appears(aio, impl, own_redis):
+    async def main():
+        async with running_gateway(impl, own_redis.url) as gw:
+            gw.redis.backoff.cap = 0.2
+            ws = await client(gw.port, ["LATE"])  # the gateway serves clients meanwhile
+            await asyncio.sleep(0.3)
+            assert not gw.redis.ready and "cannot connect" in gw.redis.reason
+            own_redis.start()
+            await wait_until(lambda: gw.redis.ready, timeout=10)
+            own_redis.client().publish("channel:trade:LATE", b'{"n":1}')
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["data"] == {"n": 1}
+            await ws.close()
+    aio(main())
+
+
+def test_redis_password_and_db_honoured(aio, impl, own_redis, caplog):
+    own_redis.extra = ["--requirepass", "s3cret"]
+    own_redis.start()
+
+    async def main():
+        bad = own_redis.url.replace("redis://", "redis://:wrong@")
+        async with running_gateway(impl, bad) as gw:
+            gw.redis.backoff.cap = 0.1
+            await asyncio.sleep(0.5)
+            assert not gw.redis.ready and gw.redis.connects >= 2  # retried, no crash
+        good = own_redis.url.replace("redis://", "redis://:s3cret@") + "/3"
+        async with running_gateway(impl, good) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            ws = await client(gw.port, ["AUTH"])
+            import redis
+            r = redis.Redis(port=own_redis.port, password="s3cret")
+            r.publish("channel:trade:AUTH", b'{"ok":1}')
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["data"] == {"ok": 1}
+            await ws.close()
+    with caplog.at_level("ERROR", logger="gateway.redis"):
+        aio(main())
+    assert any("Redis refused the gateway" in r.getMessage() for r in caplog.records)
+    assert "s3cret" not in caplog.text and "wrong" not in caplog.text
+
+
+# -- process: signals, CLI, stats ------------------------------------------------------
+
+def wait_port(port, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_closes_clients_1001_and_exits_0(redis_server, sig):
+    port = free_port()
+    proc = spawn_gateway(gateway_env(WS_HOST="127.0.0.1", WS_PORT=port, REDIS_URL=redis_server.url))
+    try:
+        wait_port(port)
+
+        async def main():
+            conns = [await client(port, ["SIG"]) for _ in range(3)]
+            proc.send_signal(sig)
+            t0 = time.monotonic()
+            for ws in conns:
+                with pytest.raises(websockets.ConnectionClosed) as info:
+                    await asyncio.wait_for(ws.recv(), 5)
+                assert info.value.rcvd.code == 1001
+            return time.monotonic() - t0
+        took = asyncio.run(main())
+        assert proc.wait(5) == 0
+        assert took < 3
+        out = proc.stdout.read()
+        assert "shutting down" in out and "Traceback" not in out
+        # No longer accepting.
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("env,args,expected", [
+    ({"WS_PORT": "http"}, [], "WS_PORT must be a whole number"),
+    ({}, ["--port", "70000"], "--port must be between 0 and 65535"),
+    ({"REDIS_URL": "http://localhost"}, [], "REDIS_URL must start with redis://"),
+    ({"REDIS_URL": "redis://host:notaport"}, [], "REDIS_URL is malformed"),
+    ({"REDIS_URL": "redis://localhost/abc"}, [], "database must be a number"),
+    ({"WS_MAX_SYMBOLS": "0"}, [], "WS_MAX_SYMBOLS must be between 1"),
+    ({"WS_HEARTBEAT_INTERVAL": "soon"}, [], "WS_HEARTBEAT_INTERVAL must be a number"),
+    ({"LOG_LEVEL": "LOUD"}, [], "LOG_LEVEL must be"),
+    ({"WS_CHANNEL_PREFIX": "a*"}, [], "WS_CHANNEL_PREFIX must be"),
+    ({}, ["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_config_one_line_exit_2(env, args, expected):
+    proc = subprocess.run([sys.executable, "-m", "gateway", *args], env=gateway_env(**env),
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ws-gateway: error:") and expected in lines[0]
+    assert proc.stdout == ""
+
+
+def test_help_documents_every_setting():
+    from gateway.config import SETTINGS
+    proc = subprocess.run([sys.executable, "-m", "gateway", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for s in SETTINGS:
+        assert s.flag in text and s.env in text
+
+
+def test_console_script_installed():
+    import shutil
+    exe = shutil.which("ws-gateway") or os.path.join(os.path.dirname(sys.executable), "ws-gateway")
+    if not os.path.exists(exe):
+        pytest.skip("package not installed with its console scripts")
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "WS_PORT" in proc.stdout
+
+
+def test_stats_logged_periodically(redis_server):
+    port = free_port()
+    proc = spawn_gateway(gateway_env(WS_HOST="127.0.0.1", WS_PORT=port, REDIS_URL=redis_server.url,
+                                     WS_STATS_INTERVAL="0.3"))
+    try:
+        wait_port(port)
+
+        async def main():
+            ws = await client(port, ["ST1", "ST2"])
+            await ws.send("bad json")
+            await ws.recv()
+            r = redis_server.client()
+            r.publish("channel:trade:ST1", b'{"n":1}')
+            r.publish("channel:trade:ST1", b"garbage")
+            await ws.recv()
+            await asyncio.sleep(0.8)
+            await ws.close()
+        asyncio.run(main())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    lines = [dict(kv.split("=") for kv in line.split("stats: ")[-1].split())
+             for line in out.splitlines() if "stats: connections=" in line]
+    assert len(lines) >= 2
+    # While the client was connected and subscribed ...
+    assert any(f["connections"] == "1" and f["subscriptions"] == "2" and f["symbols"] == "2"
+               for f in lines)
+    # ... and the totals at the end (the last line is logged at shutdown).
+    last = lines[-1]
+    assert last["connections"] == "0" and last["subscriptions"] == "0"
+    assert int(last["redis_messages"]) >= 2
+    assert last["frames_sent"] == "1"
+    assert last["client_messages"] == "2"
+    assert last["errors"] == "1"
+    assert int(last["dropped_payloads"]) >= 1
