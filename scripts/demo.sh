@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets everything up and runs the gateway with a local Redis and a demo feed.
+# Ctrl-C stops all three. WS_PORT (8080) and DEMO_REDIS_PORT (6390) can be set.
+source "$(dirname "$0")/bootstrap.sh"
+need_redis
+need_venv ""
+
+WS_PORT="${WS_PORT:-8080}"
+REDIS_PORT="${DEMO_REDIS_PORT:-6390}"
+RUN="$ROOT/.demo"
+mkdir -p "$RUN"
+pids=()
+cleanup() {
+    trap - EXIT INT TERM
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    echo "demo stopped"
+}
+trap cleanup EXIT INT TERM
+
+echo "==> starting redis-server on 127.0.0.1:$REDIS_PORT"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$RUN" --logfile "$RUN/redis.log" --daemonize no &
+pids+=($!)
+for _ in $(seq 50); do
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+    sleep 0.1
+done
+
+export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+echo "==> starting the demo feed (10 symbols, 20 trades/s)"
+"$VENV/bin/ws-gateway-feed" --redis-url "$REDIS_URL" --rate 20 2>"$RUN/feed.log" &
+pids+=($!)
+
+echo "==> starting the gateway"
+echo
+echo "    connect to   ws://127.0.0.1:$WS_PORT"
+echo "    then send    {\"action\": \"subscribe\", \"symbols\": [\"AAPL\", \"MSFT\"]}"
+echo "    e.g.         $VENV/bin/python -m websockets ws://127.0.0.1:$WS_PORT"
+echo
+WS_HOST="${WS_HOST:-127.0.0.1}" WS_PORT="$WS_PORT" WS_STATS_INTERVAL="${WS_STATS_INTERVAL:-30}" \
+    "$VENV/bin/ws-gateway" &
+pids+=($!)
+wait "${pids[-1]}"
