@@ -74,6 +74,7 @@ static const char *opt_host = "127.0.0.1";
 static int opt_port = 0;
 static const char *opt_file = NULL;
 static double opt_deadline_s = 60;
+static double opt_run_s = 0;       /* deadline counted from READY (0 = none) */
 static int opt_sample = 16;
 static int opt_idle_ms = 0;
 static int opt_skip_ms = 0;
@@ -572,7 +573,8 @@ static void load_conns(const char *path) {
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: loadclient -p PORT -f CONNFILE [-H host] [-d deadline_s] [-s sample_every]\n"
+            "usage: loadclient -p PORT -f CONNFILE [-H host] [-d deadline_s] [-D deadline_after_ready_s]\n"
+            "                  [-s sample_every]\n"
             "                  [-i idle_ms] [-k latency_skip_ms] [-m max_inflight_connects]\n"
             "                  [-g grace_ms] [-w (hold: no expectations, run to deadline/SIGTERM)]\n"
             "                  [-o per_connection_counts_file]\n");
@@ -645,12 +647,13 @@ static void report(const char *reason, double connect_s) {
 
 int main(int argc, char **argv) {
     int o;
-    while ((o = getopt(argc, argv, "H:p:f:d:s:i:k:m:g:wo:")) != -1) {
+    while ((o = getopt(argc, argv, "H:p:f:d:D:s:i:k:m:g:wo:")) != -1) {
         switch (o) {
         case 'H': opt_host = optarg; break;
         case 'p': opt_port = atoi(optarg); break;
         case 'f': opt_file = optarg; break;
         case 'd': opt_deadline_s = atof(optarg); break;
+        case 'D': opt_run_s = atof(optarg); break;
         case 's': opt_sample = atoi(optarg); break;
         case 'i': opt_idle_ms = atoi(optarg); break;
         case 'k': opt_skip_ms = atoi(optarg); break;
@@ -709,6 +712,10 @@ int main(int argc, char **argv) {
         if (ready_printed && !ready_mono) ready_mono = m;
         if (stop_flag) { reason = opt_hold ? "hold" : "signal"; break; }
         if (m >= deadline) { reason = "deadline"; break; }
+        if (ready_mono && opt_run_s > 0 && m - ready_mono >= (int64_t)(opt_run_s * 1e9)) {
+            reason = "deadline";
+            break;
+        }
         if (!ready_printed || opt_hold) continue;
         if (total_frames != last_total) { last_total = total_frames; last_progress = m; }
         if (expected_total && useful_frames >= expected_total) {

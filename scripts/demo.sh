@@ -3,7 +3,7 @@
 # Ctrl-C stops all three. WS_PORT (8080) and DEMO_REDIS_PORT (6390) can be set.
 source "$(dirname "$0")/bootstrap.sh"
 need_redis
-need_venv ""
+need_venv "[test]"   # [test] brings the websockets CLI client used below
 
 WS_PORT="${WS_PORT:-8080}"
 REDIS_PORT="${DEMO_REDIS_PORT:-6390}"
