@@ -27,7 +27,7 @@ import hiredis
 
 
 cdef extern from "Python.h":
-    double PyOS_string_to_double(const char* s, char** endptr, object overflow_exception) except? -1.0
+    double PyOS_string_to_double(const char* s, char** endptr, PyObject* overflow_exception) except? -1.0
 
 
 IS_COMPILED = True
@@ -157,6 +157,7 @@ cdef Py_ssize_t _scan_number(const uint8_t* p, Py_ssize_t i, Py_ssize_t n):
     cdef Py_ssize_t start = i
     cdef bint check_range = False
     cdef double v
+    cdef char* endp
     if p[i] == 0x2D:
         i += 1
     if i >= n:
@@ -184,8 +185,10 @@ cdef Py_ssize_t _scan_number(const uint8_t* p, Py_ssize_t i, Py_ssize_t n):
         while i < n and 0x30 <= p[i] <= 0x39:
             i += 1
     if check_range or i - start > 300:
-        # orjson refuses numbers that overflow a double to infinity.
-        v = PyOS_string_to_double(<const char*>p + start, NULL, None)
+        # orjson refuses numbers that overflow a double to infinity. With no
+        # overflow exception given, an overflow returns +-HUGE_VAL; endp lets
+        # it stop at the number's end instead of requiring the whole rest.
+        v = PyOS_string_to_double(<const char*>p + start, &endp, NULL)
         if isinf(v):
             return -1
     return i

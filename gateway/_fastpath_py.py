@@ -268,7 +268,7 @@ class Dispatcher:
         if type(payload) is not bytes or not is_json_object(payload):
             self.dropped_payloads += 1
             return
-        subs = self.table.channels.get(channel)
+        subs = self.table.channels.get(channel) if type(channel) is bytes else None
         if subs is None:
             self.unrouted_messages += 1
             return

@@ -40,7 +40,10 @@ class ClientError(Exception):
 
 def _show(value: Any) -> str:
     # Quote what the client sent, bounded so a huge value cannot bloat the reply.
-    text = orjson.dumps(value).decode()
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:  # nested deeper than orjson writes (it reads deeper)
+        return "<deeply nested value>"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
