@@ -21,7 +21,7 @@ from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
-from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from picows.picows cimport MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 import hiredis
 
@@ -388,8 +388,16 @@ cdef class ClientListener(WSListener):
 
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
+        # Idle connections are most connections: drop what picows keeps per
+        # connection but the gateway never reads again. The upgrade request
+        # and response (header dicts, ~1 KB) were used by the factory; the
+        # 1 KiB frame buffer only serves pings, pongs and closes here, and
+        # grows on demand.
+        transport._write_buffer = MemoryBuffer(32)
         if self.control is not None:
             self.control.on_connected(self)
+        transport.request = None
+        transport.response = None
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType t = frame.msg_type
@@ -451,10 +459,15 @@ cdef class ClientListener(WSListener):
 
     cpdef send_text(self, bytes data):
         """Send one text message now (control replies)."""
-        if self.transport is not None:
-            self.transport.send(WSMsgType.TEXT, data)
+        cdef bytes frame = encode_text_frame(data)
+        cdef WSTransport t = self.transport
+        if t is not None:
+            # Framed here rather than by picows, so its per-connection
+            # buffer does not grow to the size of the largest reply.
+            if not (t.is_disconnected or t.is_close_frame_sent):
+                t._fast_write(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
         elif self._sink is not None:
-            self._sink(encode_text_frame(data))
+            self._sink(frame)
 
     @property
     def pending(self):

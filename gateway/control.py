@@ -8,6 +8,7 @@ the bookkeeping.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from typing import Any, Callable
 
@@ -107,7 +108,8 @@ class ControlHandler:
             if not SYMBOL_RE.fullmatch(item):
                 raise ClientError(f"Invalid symbol {_show(item)}: must be {SYMBOL_RULE}",
                                   "invalid_symbols")
-            symbol = item.upper()
+            # Interned: thousands of connections share one string per symbol.
+            symbol = sys.intern(item.upper())
             if symbol not in out:
                 out.append(symbol)
         return out
