@@ -64,7 +64,9 @@ cdef class Dispatcher:
         readonly uint64_t dropped_payloads
         readonly uint64_t unrouted_messages
         readonly uint64_t batches
+        readonly uint64_t dispatch_errors
 
+    cdef int _handle(self, object reply, const char* ts, Py_ssize_t tslen) except -1
     cdef int _route(self, list msg, const char* ts, Py_ssize_t tslen) except -1
     cdef int _grow_scratch(self, Py_ssize_t size) except -1
     cdef int _flush(self) except -1

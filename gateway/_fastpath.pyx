@@ -23,7 +23,11 @@ from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from picows.picows cimport MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
+import logging
+
 import hiredis
+
+_log = logging.getLogger("gateway.fastpath")
 
 
 cdef extern from "Python.h":
@@ -645,12 +649,24 @@ cdef class Dispatcher:
                     reply = gets()
                     if reply is False:
                         break
-                    if _is_pmessage(reply):
-                        self._route(<list>reply, ts, tslen)
-                    elif self.reply_callback is not None:
-                        self.reply_callback(reply)
+                    self._handle(reply, ts, tslen)
         finally:
             self._flush()
+
+    cdef int _handle(self, object reply, const char* ts, Py_ssize_t tslen) except -1:
+        # A failure on one message (a bug, never bad input) is counted and
+        # logged; the stream goes on with the next message.
+        try:
+            if _is_pmessage(reply):
+                self._route(<list>reply, ts, tslen)
+            elif self.reply_callback is not None:
+                self.reply_callback(reply)
+        except Exception:
+            self.dispatch_errors += 1
+            if self.dispatch_errors <= 10 or self.dispatch_errors % 10000 == 0:
+                _log.exception("message dispatch failed (%d so far); continuing",
+                               self.dispatch_errors)
+        return 0
 
     def dispatch(self, list replies):
         """Route already-parsed replies and flush (benchmarks, tests)."""
@@ -658,10 +674,7 @@ cdef class Dispatcher:
         cdef Py_ssize_t tslen = snprintf(ts, sizeof(ts), "%lld", <long long>now_ms())
         try:
             for reply in replies:
-                if _is_pmessage(reply):
-                    self._route(<list>reply, ts, tslen)
-                elif self.reply_callback is not None:
-                    self.reply_callback(reply)
+                self._handle(reply, ts, tslen)
         finally:
             self._flush()
 

@@ -7,6 +7,7 @@ Change both together.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import hiredis
@@ -14,6 +15,7 @@ import orjson
 from picows import WSCloseCode, WSListener, WSMsgType
 
 IS_COMPILED = False
+_log = logging.getLogger("gateway.fastpath")
 
 _HEAD = b'{"type":"trade","data":'
 _MID = b',"timestamp":'
@@ -234,6 +236,7 @@ class Dispatcher:
         self.dropped_payloads = 0
         self.unrouted_messages = 0
         self.batches = 0
+        self.dispatch_errors = 0
 
     def reset(self) -> None:
         self.reader = hiredis.Reader()
@@ -258,10 +261,16 @@ class Dispatcher:
             self._flush()
 
     def _handle(self, reply, ts: bytes) -> None:
-        if _is_pmessage(reply):
-            self._route(reply[2], reply[3], ts)
-        elif self.reply_callback is not None:
-            self.reply_callback(reply)
+        try:
+            if _is_pmessage(reply):
+                self._route(reply[2], reply[3], ts)
+            elif self.reply_callback is not None:
+                self.reply_callback(reply)
+        except Exception:
+            self.dispatch_errors += 1
+            if self.dispatch_errors <= 10 or self.dispatch_errors % 10000 == 0:
+                _log.exception("message dispatch failed (%d so far); continuing",
+                               self.dispatch_errors)
 
     def _route(self, channel, payload, ts: bytes) -> None:
         self.redis_messages += 1

@@ -32,6 +32,7 @@ class Stats:
             "writes": d.writes,
             "dropped_payloads": d.dropped_payloads,
             "unrouted_messages": d.unrouted_messages,
+            "dispatch_errors": d.dispatch_errors,
             "client_messages": g.client_messages,
             "errors": sum(g.control.errors.values()),
             "errors_by_kind": dict(g.control.errors),

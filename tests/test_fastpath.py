@@ -736,6 +736,19 @@ def test_dispatch_reply_callback_sees_replies_in_order_with_routing(impl):
     assert rig.payloads("a") == [P1, P2] and len(rig.sinks["a"]) == 1
 
 
+def test_dispatch_failure_on_one_message_is_counted_and_stream_goes_on(impl, caplog):
+    rig = Rig(impl, {"a": ["BTC"]})
+
+    def explode(reply):
+        raise RuntimeError("bug in a reply handler")
+    rig.dispatcher.reply_callback = explode
+    with caplog.at_level("ERROR", logger="gateway.fastpath"):
+        rig.feed(pmessage(ch("BTC"), P1) + b"+OK\r\n" + pmessage(ch("BTC"), P2))
+    assert rig.payloads("a") == [P1, P2]
+    assert rig.dispatcher.dispatch_errors == 1
+    assert "message dispatch failed" in caplog.text
+
+
 def test_dispatch_protocol_error_raises_and_flushes(impl):
     rig = Rig(impl, {"a": ["BTC"]})
     with pytest.raises(hiredis.ProtocolError):
