@@ -44,6 +44,7 @@ cdef class SymbolTable:
     cpdef bint subscribe(self, ClientListener conn, str symbol) except -1
     cpdef bint unsubscribe(self, ClientListener conn, str symbol) except -1
     cpdef int remove_connection(self, ClientListener conn) except -1
+    cpdef list lookup(self, bytes channel)
 
 
 cdef class Dispatcher:

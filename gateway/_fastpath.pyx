@@ -581,6 +581,11 @@ cdef class SymbolTable:
     def subscribers(self, str symbol):
         return list(self.channels.get(self.channel_for(symbol), ()))
 
+    cpdef list lookup(self, bytes channel):
+        """The live subscriber list for a channel, or None (the dispatcher's lookup)."""
+        cdef PyObject* found = PyDict_GetItem(self.channels, channel)
+        return None if found == NULL else <list>found
+
     def symbols(self):
         k = len(self.prefix)
         return sorted(key[k:].decode() for key in self.channels)

@@ -202,6 +202,10 @@ class SymbolTable:
     def subscribers(self, symbol: str) -> list:
         return list(self.channels.get(self.channel_for(symbol), ()))
 
+    def lookup(self, channel: bytes) -> list | None:
+        """The live subscriber list for a channel, or None (the dispatcher's lookup)."""
+        return self.channels.get(channel)
+
     def symbols(self) -> list[str]:
         k = len(self.prefix)
         return sorted(key[k:].decode() for key in self.channels)
