@@ -15,7 +15,15 @@ cdef class ClientListener(WSListener):
         readonly list symbols            # subscribed symbols, insertion order
         readonly bint paused             # picows reported the write buffer over high water
         public bint awaiting_pong        # heartbeat: a ping is out, no pong yet
+        # Slow-consumer policy "conflate": while set, trades are held here,
+        # newest per channel (channel -> [frame, skipped]), not sent.
+        public bint conflating
+        readonly dict conflated
         public double connected_at
+        # Control-message rate limit (token bucket, kept by the control plane)
+        public double tokens
+        public double tokens_at
+        public int strikes
         # Outbound batch: every trade frame one Redis read produces for this
         # client is appended here and leaves in one write (see Dispatcher.flush).
         char* out
@@ -29,9 +37,11 @@ cdef class ClientListener(WSListener):
 
     cdef bint _check_frag_size(self) except -1
     cdef _fail(self, int code, str reason)
+    cdef int conflate(self, object channel, const char* frame, Py_ssize_t size) except -1
     cdef int append_frame(self, const char* frame, Py_ssize_t size) except -1
     cdef int flush(self, Py_ssize_t max_buffered) except -1
     cpdef send_text(self, bytes data)
+    cpdef send_frame(self, bytes frame)
 
 
 cdef class SymbolTable:
@@ -66,8 +76,12 @@ cdef class Dispatcher:
         readonly uint64_t unrouted_messages
         readonly uint64_t batches
         readonly uint64_t dispatch_errors
+        readonly uint64_t conflated_messages
+        uint64_t latency_counts[14]      # N_BUCKETS + 1 (+Inf)
+        int64_t latency_sum_ns
 
     cdef int _handle(self, object reply, const char* ts, Py_ssize_t tslen) except -1
     cdef int _route(self, list msg, const char* ts, Py_ssize_t tslen) except -1
     cdef int _grow_scratch(self, Py_ssize_t size) except -1
     cdef int _flush(self) except -1
+    cdef void _observe(self, int64_t elapsed_ns) noexcept

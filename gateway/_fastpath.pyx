@@ -19,7 +19,7 @@ from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy
-from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from picows.picows cimport MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
@@ -51,6 +51,19 @@ DEF FEED_CHUNK = 65536
 # A client's batch buffer larger than this is released after its write, so a
 # burst does not pin memory on an otherwise quiet connection.
 DEF OUT_KEEP = 65536
+
+
+# Fan-out latency histogram bounds (ns): 10 us .. 100 ms, then +Inf.
+DEF N_BUCKETS = 13
+cdef int64_t[13] _BUCKET_NS = [10000, 25000, 50000, 100000, 250000, 500000, 1000000,
+                               2500000, 5000000, 10000000, 25000000, 50000000, 100000000]
+LATENCY_BUCKETS = tuple(b / 1e9 for b in _BUCKET_NS)
+
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef inline int64_t now_ms() noexcept nogil:
@@ -379,6 +392,7 @@ cdef class ClientListener(WSListener):
         self.transport = None
         self.sink = None
         self.frag = None
+        self.conflated = {}
 
     def __dealloc__(self):
         free(self.out)
@@ -405,6 +419,10 @@ cdef class ClientListener(WSListener):
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType t = frame.msg_type
+        if transport.is_close_frame_sent:
+            # Closing: picows still hands over whatever else was in the read
+            # buffer (a flood can be megabytes); none of it gets an answer.
+            return
         if t == WSMsgType.TEXT or t == WSMsgType.BINARY:
             if frame.fin:
                 if self.frag is not None:
@@ -449,6 +467,8 @@ cdef class ClientListener(WSListener):
         self.transport.disconnect()
 
     cpdef on_ws_disconnected(self, WSTransport transport):
+        self.conflating = False
+        self.conflated.clear()
         free(self.out)
         self.out = NULL
         self.out_len = self.out_cap = 0
@@ -460,14 +480,37 @@ cdef class ClientListener(WSListener):
 
     cpdef resume_writing(self):
         self.paused = False
+        if self.conflating and self.control is not None:
+            # Drained below the low-water mark: the control plane sends what
+            # was held back (gap notices + latest trades) and ends conflation.
+            self.control.on_drained(self)
+
+    cdef int conflate(self, object channel, const char* frame, Py_ssize_t size) except -1:
+        # Keep only the newest frame per channel; count the ones it replaces.
+        entry = self.conflated.get(channel)
+        if entry is None:
+            self.conflated[channel] = [PyBytes_FromStringAndSize(frame, size), 0]
+        else:
+            (<list>entry)[0] = PyBytes_FromStringAndSize(frame, size)
+            (<list>entry)[1] += 1
+        return 0
+
+    def take_conflated(self):
+        """[(channel, latest frame, skipped count)] in first-held order; clears them."""
+        held = [(k, v[0], v[1]) for k, v in self.conflated.items()]
+        self.conflated.clear()
+        return held
 
     cpdef send_text(self, bytes data):
         """Send one text message now (control replies)."""
-        cdef bytes frame = encode_text_frame(data)
+        # Framed here rather than by picows, so its per-connection buffer
+        # does not grow to the size of the largest reply.
+        self.send_frame(encode_text_frame(data))
+
+    cpdef send_frame(self, bytes frame):
+        """Send one complete, already framed message now."""
         cdef WSTransport t = self.transport
         if t is not None:
-            # Framed here rather than by picows, so its per-connection
-            # buffer does not grow to the size of the largest reply.
             if not (t.is_disconnected or t.is_close_frame_sent):
                 t._fast_write(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
         elif self._sink is not None:
@@ -643,6 +686,7 @@ cdef class Dispatcher:
         cdef Py_ssize_t n = len(data), off = 0, k
         cdef char ts[24]
         cdef Py_ssize_t tslen = snprintf(ts, sizeof(ts), "%lld", <long long>now_ms())
+        cdef int64_t t0 = now_ns()
         reader = self.reader
         gets = reader.gets
         try:
@@ -657,6 +701,21 @@ cdef class Dispatcher:
                     self._handle(reply, ts, tslen)
         finally:
             self._flush()
+            self._observe(now_ns() - t0)
+
+    cdef void _observe(self, int64_t elapsed_ns) noexcept:
+        # Fan-out latency: from the Redis read to the last client write.
+        cdef int b = 0
+        while b < N_BUCKETS and elapsed_ns > _BUCKET_NS[b]:
+            b += 1
+        self.latency_counts[b] += 1
+        self.latency_sum_ns += elapsed_ns
+
+    def latency_histogram(self):
+        """(upper bounds in seconds, counts per bucket incl. +Inf, sum in seconds)."""
+        bounds = [_BUCKET_NS[b] / 1e9 for b in range(N_BUCKETS)]
+        counts = [self.latency_counts[b] for b in range(N_BUCKETS + 1)]
+        return bounds, counts, self.latency_sum_ns / 1e9
 
     cdef int _handle(self, object reply, const char* ts, Py_ssize_t tslen) except -1:
         # A failure on one message (a bug, never bad input) is counted and
@@ -689,7 +748,7 @@ cdef class Dispatcher:
         cdef PyObject* found
         cdef list subs
         cdef ClientListener conn
-        cdef Py_ssize_t j, nsubs, plen, size
+        cdef Py_ssize_t j, nsubs, plen, size, held = 0
         self.redis_messages += 1
         if type(payload) is not bytes or not _is_json_object(
                 <const uint8_t*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload)):
@@ -709,12 +768,17 @@ cdef class Dispatcher:
         _write_trade_frame(self.scratch, PyBytes_AS_STRING(payload), plen, ts, tslen)
         for j in range(nsubs):
             conn = <ClientListener>PyList_GET_ITEM(subs, j)
+            if conn.conflating:
+                conn.conflate(channel, self.scratch, size)
+                held += 1
+                continue
             conn.append_frame(self.scratch, size)
             if not conn.in_batch:
                 conn.in_batch = True
                 self.touched.append(conn)
-        self.frames_sent += nsubs
-        self.bytes_sent += <uint64_t>(nsubs * size)
+        self.frames_sent += nsubs - held
+        self.conflated_messages += held
+        self.bytes_sent += <uint64_t>((nsubs - held) * size)
         return 0
 
     cdef int _grow_scratch(self, Py_ssize_t size) except -1:

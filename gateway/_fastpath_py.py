@@ -17,6 +17,10 @@ from picows import WSCloseCode, WSListener, WSMsgType
 IS_COMPILED = False
 _log = logging.getLogger("gateway.fastpath")
 
+LATENCY_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
+                   25e-3, 50e-3, 100e-3)
+_BUCKET_NS = tuple(round(b * 1e9) for b in LATENCY_BUCKETS)
+
 _HEAD = b'{"type":"trade","data":'
 _MID = b',"timestamp":'
 FEED_CHUNK = 65536
@@ -69,7 +73,12 @@ class ClientListener(WSListener):
         self.sink = None
         self.paused = False
         self.awaiting_pong = False
+        self.conflating = False
+        self.conflated: dict[bytes, list] = {}
         self.connected_at = 0.0
+        self.tokens = 0.0
+        self.tokens_at = 0.0
+        self.strikes = 0
         self.out = bytearray()
         self.in_batch = False
         self.frag: bytearray | None = None
@@ -82,6 +91,8 @@ class ClientListener(WSListener):
 
     def on_ws_frame(self, transport, frame):
         t = frame.msg_type
+        if transport.is_close_frame_sent:
+            return
         if t == WSMsgType.TEXT or t == WSMsgType.BINARY:
             if self.frag is not None:
                 self._fail(1002, "new message inside a fragmented one")
@@ -122,6 +133,8 @@ class ClientListener(WSListener):
         self.transport.disconnect()
 
     def on_ws_disconnected(self, transport):
+        self.conflating = False
+        self.conflated.clear()
         self.out = bytearray()
         if self.control is not None:
             self.control.on_disconnected(self)
@@ -131,13 +144,34 @@ class ClientListener(WSListener):
 
     def resume_writing(self):
         self.paused = False
+        if self.conflating and self.control is not None:
+            self.control.on_drained(self)
+
+    def conflate(self, channel: bytes, frame: bytes) -> None:
+        entry = self.conflated.get(channel)
+        if entry is None:
+            self.conflated[channel] = [frame, 0]
+        else:
+            entry[0] = frame
+            entry[1] += 1
+
+    def take_conflated(self) -> list[tuple[bytes, bytes, int]]:
+        held = [(k, v[0], v[1]) for k, v in self.conflated.items()]
+        self.conflated.clear()
+        return held
 
     def send_text(self, data: bytes) -> None:
         """Send one text message now (control replies)."""
-        if self.transport is not None:
-            self.transport.send(WSMsgType.TEXT, data)
+        self.send_frame(encode_text_frame(data))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Send one complete, already framed message now."""
+        t = self.transport
+        if t is not None:
+            if not (t.is_disconnected or t.is_close_frame_sent):
+                t.underlying_transport.write(frame)
         elif self.sink is not None:
-            self.sink(encode_text_frame(data))
+            self.sink(frame)
 
     @property
     def pending(self) -> int:
@@ -241,11 +275,15 @@ class Dispatcher:
         self.unrouted_messages = 0
         self.batches = 0
         self.dispatch_errors = 0
+        self.conflated_messages = 0
+        self.latency_counts = [0] * (len(_BUCKET_NS) + 1)
+        self.latency_sum_ns = 0
 
     def reset(self) -> None:
         self.reader = hiredis.Reader()
 
     def feed(self, data) -> None:
+        t0 = time.monotonic_ns()
         ts = str(time.time_ns() // 1_000_000).encode()
         reader = self.reader
         try:
@@ -255,6 +293,18 @@ class Dispatcher:
                     self._handle(reply, ts)
         finally:
             self._flush()
+            self._observe(time.monotonic_ns() - t0)
+
+    def _observe(self, elapsed_ns: int) -> None:
+        b = 0
+        while b < len(_BUCKET_NS) and elapsed_ns > _BUCKET_NS[b]:
+            b += 1
+        self.latency_counts[b] += 1
+        self.latency_sum_ns += elapsed_ns
+
+    def latency_histogram(self):
+        """(upper bounds in seconds, counts per bucket incl. +Inf, sum in seconds)."""
+        return list(LATENCY_BUCKETS), list(self.latency_counts), self.latency_sum_ns / 1e9
 
     def dispatch(self, replies: list) -> None:
         ts = str(time.time_ns() // 1_000_000).encode()
@@ -286,13 +336,19 @@ class Dispatcher:
             self.unrouted_messages += 1
             return
         frame = encode_text_frame(b"".join((_HEAD, payload, _MID, ts, b"}")))
+        held = 0
         for conn in subs:
+            if conn.conflating:
+                conn.conflate(channel, frame)
+                held += 1
+                continue
             conn.out += frame
             if not conn.in_batch:
                 conn.in_batch = True
                 self.touched.append(conn)
-        self.frames_sent += len(subs)
-        self.bytes_sent += len(subs) * len(frame)
+        self.frames_sent += len(subs) - held
+        self.conflated_messages += held
+        self.bytes_sent += (len(subs) - held) * len(frame)
 
     def _flush(self) -> None:
         touched, self.touched = self.touched, []

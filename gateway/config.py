@@ -166,8 +166,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_buffered_bytes", "WS_MAX_BUFFERED_BYTES", "--max-buffered-bytes", "1048576", _int(1024),
             "outbound bytes a client may have queued before it is treated as a slow consumer"),
     Setting("slow_client_policy", "WS_SLOW_CLIENT_POLICY", "--slow-client-policy", "disconnect",
-            _choice("disconnect"),
-            "what happens to a slow consumer: disconnect (close 1008 'slow consumer')"),
+            _choice("disconnect", "conflate"),
+            "what happens to a slow consumer: disconnect (close 1008 'slow consumer') or conflate "
+            "(keep the latest trade per symbol until it drains, then send each after a gap notice)"),
+    Setting("client_msg_rate", "WS_CLIENT_MSG_RATE", "--client-msg-rate", "20", _float(0.0),
+            "control messages per second a connection may send (0: no limit); over it a message "
+            "gets an error, and a client that keeps going is closed with 1008"),
+    Setting("client_msg_burst", "WS_CLIENT_MSG_BURST", "--client-msg-burst", "40", _int(1),
+            "control messages a connection may send at once before the rate applies"),
     Setting("log_level", "LOG_LEVEL", "--log-level", "INFO", _log_level,
             "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -185,6 +191,8 @@ class Config:
     channel_prefix: str = "channel:trade:"
     max_buffered_bytes: int = 1 << 20
     slow_client_policy: str = "disconnect"
+    client_msg_rate: float = 20.0
+    client_msg_burst: int = 40
     log_level: str = "INFO"
     redis: RedisTarget = dataclasses.field(default_factory=RedisTarget)
 

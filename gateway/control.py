@@ -70,8 +70,11 @@ class ControlHandler:
                 return self._subscribe(conn, symbols, ts)
             return self._unsubscribe(conn, symbols, ts)
         except ClientError as exc:
-            self.errors[exc.kind] = self.errors.get(exc.kind, 0) + 1
+            self.count_error(exc.kind)
             return error_reply(str(exc), ts)
+
+    def count_error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
     @staticmethod
     def _parse(data: bytes) -> dict:

@@ -140,10 +140,14 @@ class RedisSubscriber:
                 if self._stopping:
                     break
                 self.reconnects += 1
-                was = self.reason
-                self._set_state(False, "connection to Redis lost")
-                log.warning("Redis connection lost (%s); clients stay connected, reconnecting",
-                            exc or was)
+                if self._refused:
+                    # Keep the refusal as the reason: it is what an operator must fix.
+                    self._set_state(False, self.reason)
+                else:
+                    was = self.reason
+                    self._set_state(False, "connection to Redis lost")
+                    log.warning("Redis connection lost (%s); clients stay connected, reconnecting",
+                                exc or was)
             delay = self.backoff.next_delay()
             log.info("next Redis connection attempt in %.2f s", delay)
             await asyncio.sleep(delay)

@@ -15,11 +15,14 @@ import sys
 import time
 import uuid
 
-from picows import WSCloseCode, WSUpgradeRequest, ws_create_server
+import orjson
+from picows import (WSCloseCode, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener,
+                    ws_create_server)
 
 from . import fastpath
 from .config import Config
-from .control import ControlHandler, encode, now_ms
+from . import metrics
+from .control import ControlHandler, encode, error_reply, now_ms
 from .redis_reader import RedisSubscriber
 from .stats import Stats
 
@@ -56,7 +59,13 @@ class Gateway:
         self.client_messages = 0
         self.connections_total = 0
         self.heartbeat_timeouts = 0
-        self.slow_consumers = 0
+        self.rate_limit_closes = 0
+        self._rate = config.client_msg_rate
+        self._burst = config.client_msg_burst
+        self.slow_consumers: dict[str, int] = {}
+        self.registry = metrics.make_registry(self)
+        self._http_routes = {b"/healthz": self._healthz, b"/readyz": self._readyz,
+                             b"/metrics": self._metrics}
         self._tasks: list[asyncio.Task] = []
         self._closing = False
 
@@ -67,9 +76,16 @@ class Gateway:
             conn.transport.disconnect()
             return
         conn.connection_id = str(uuid.uuid4())
+        conn.tokens = float(self._burst)
+        conn.tokens_at = time.monotonic()
         conn.connected_at = time.monotonic()
         self.connections.add(conn)
         self.connections_total += 1
+        if self.config.max_buffered_bytes < 65536:
+            # The over-limit check runs once the transport reports its
+            # high-water mark (64 KiB by default): keep that below the limit.
+            conn.transport.underlying_transport.set_write_buffer_limits(
+                high=self.config.max_buffered_bytes)
         conn.send_text(encode({
             "type": "success",
             "message": "Connected to WebSocket Gateway",
@@ -83,27 +99,111 @@ class Gateway:
 
     def on_message(self, conn, data: bytes, is_text: bool) -> None:
         self.client_messages += 1
+        if self._rate and not self._take_token(conn):
+            return
         conn.send_text(self.control.handle(conn, data, is_text))
+        if conn.paused and conn.write_buffer_size() > self.config.max_buffered_bytes:
+            # Requests sent faster than their replies are read: replies
+            # cannot be conflated, so whatever the policy, this one is closed.
+            self._disconnect_slow(conn)
 
     def on_disconnected(self, conn) -> None:
         self.table.remove_connection(conn)
         self.connections.discard(conn)
 
+    def _take_token(self, conn) -> bool:
+        """Token bucket per connection: ``rate`` per second, ``burst`` at once."""
+        now = time.monotonic()
+        tokens = min(float(self._burst), conn.tokens + (now - conn.tokens_at) * self._rate)
+        conn.tokens_at = now
+        if tokens >= 1.0:
+            conn.tokens = tokens - 1.0
+            conn.strikes = 0
+            return True
+        conn.tokens = tokens
+        conn.strikes += 1
+        self.control.count_error("rate_limited")
+        if conn.strikes > self._burst:
+            # Still sending after a burst's worth of refusals: abuse, not a hiccup.
+            self.rate_limit_closes += 1
+            log.warning("connection %s (%s) keeps exceeding %g messages/s; closing",
+                        conn.connection_id, _peer(conn.transport), self._rate)
+            conn.transport.send_close(WSCloseCode.POLICY_VIOLATION, b"message rate exceeded")
+            conn.transport.disconnect()
+        else:
+            conn.send_text(error_reply(
+                f"Rate limit exceeded: at most {self._rate:g} messages per second "
+                f"(burst {self._burst}); message ignored", now_ms()))
+        return False
+
+    def error_counts(self) -> dict[str, int]:
+        counts = dict(self.control.errors)
+        if self.dispatcher.dispatch_errors:
+            counts["dispatch"] = self.dispatcher.dispatch_errors
+        return counts
+
     def _on_slow_consumer(self, conn) -> None:
-        # Policy "disconnect": stop feeding it now, tell it why, and cut it
-        # off if it does not take the close frame within the grace period.
-        self.slow_consumers += 1
-        self.table.remove_connection(conn)
+        """A client is over max_buffered_bytes after a write."""
         t = conn.transport
+        if self.config.slow_client_policy == "conflate":
+            if not conn.conflating:
+                self._count_slow("conflate")
+                conn.conflating = True
+                log.info("slow consumer %s (%s): %d bytes queued; conflating until it drains",
+                         conn.connection_id, _peer(t), conn.write_buffer_size())
+            return
+        self._disconnect_slow(conn)
+
+    def _disconnect_slow(self, conn) -> None:
+        # Stop feeding it now, tell it why, and cut it off if it does not
+        # take the close frame within the grace period.
+        t = conn.transport
+        if t.is_close_frame_sent:
+            return
+        self._count_slow("disconnect")
+        self.table.remove_connection(conn)
         log.warning("slow consumer %s (%s): %d bytes queued over the %d limit; closing",
                     conn.connection_id, _peer(t), conn.write_buffer_size(),
                     self.config.max_buffered_bytes)
         t.send_close(WSCloseCode.POLICY_VIOLATION, b"slow consumer")
         asyncio.get_running_loop().call_later(SLOW_CONSUMER_GRACE, _abort, t)
 
+    def _count_slow(self, action: str) -> None:
+        self.slow_consumers[action] = self.slow_consumers.get(action, 0) + 1
+
+    def on_drained(self, conn) -> None:
+        """A conflating client drained: send what it missed, then resume."""
+        conn.conflating = False
+        prefix = self.table.prefix
+        ts = now_ms()
+        for channel, frame, skipped in conn.take_conflated():
+            symbol = channel[len(prefix):].decode()
+            conn.send_text(encode({"type": "gap", "data": {"symbol": symbol, "skipped": skipped},
+                                   "timestamp": ts}))
+            conn.send_frame(frame)
+
     # listener factory -------------------------------------------------------
     def _listener_factory(self, request: WSUpgradeRequest):
+        path = request.path.split(b"?", 1)[0]
+        if path in self._http_routes:
+            return self._http_routes[path]()
         return self.impl.ClientListener(self, "", self.config.max_symbols)
+
+    # plain HTTP on the WebSocket port ------------------------------------------
+    def _healthz(self):
+        return _http(200, {"status": "ok", "serverId": self.server_id})
+
+    def _readyz(self):
+        if self._closing:
+            return _http(503, {"status": "not ready", "reason": "shutting down"})
+        if not self.redis.ready:
+            return _http(503, {"status": "not ready", "reason": self.redis.reason})
+        return _http(200, {"status": "ready"})
+
+    def _metrics(self):
+        return WSUpgradeResponseWithListener(
+            WSUpgradeResponse.create_ok_response(metrics.render(self.registry),
+                                                 {"Content-Type": metrics.CONTENT_TYPE}), None)
 
     # lifecycle --------------------------------------------------------------
     async def start(self) -> None:
@@ -172,6 +272,16 @@ class Gateway:
         await self.redis.stop()
         self.stats.log_now()
         log.info("stopped")
+
+
+def _http(status: int, body: dict):
+    data = orjson.dumps(body)
+    headers = {"Content-Type": "application/json"}
+    if status == 200:
+        response = WSUpgradeResponse.create_ok_response(data, headers)
+    else:
+        response = WSUpgradeResponse.create_error_response(status, data, headers)
+    return WSUpgradeResponseWithListener(response, None)
 
 
 def _peer(transport):

@@ -34,10 +34,10 @@ class Stats:
             "unrouted_messages": d.unrouted_messages,
             "dispatch_errors": d.dispatch_errors,
             "client_messages": g.client_messages,
-            "errors": sum(g.control.errors.values()),
-            "errors_by_kind": dict(g.control.errors),
+            "errors": sum(g.error_counts().values()),
+            "errors_by_kind": g.error_counts(),
             "heartbeat_timeouts": g.heartbeat_timeouts,
-            "slow_consumers": g.slow_consumers,
+            "slow_consumers": sum(g.slow_consumers.values()),
         }
 
     def log_now(self) -> None:

@@ -130,7 +130,7 @@ def test_slow_consumer_is_disconnected_others_unaffected(aio, impl, redis_server
                 msg = orjson.loads(await asyncio.wait_for(healthy.recv(), 10))
                 assert msg["data"]["seq"] == n
             await pub
-            assert gw.slow_consumers == 1
+            assert gw.slow_consumers == {"disconnect": 1}
             await wait_until(lambda: len(gw.connections) == 1, timeout=5)
             assert gw.table.subscription_count == 1
             stalled.close()

@@ -267,3 +267,31 @@ def test_raw_socket_protocol_errors(aio, impl, redis_server):
             assert welcome["type"] == "success"
             await ws.close()
     aio(main())
+
+
+def test_client_message_rate_limit(aio, impl, redis_server):
+    async def main():
+        async with running_gateway(impl, redis_server.url, client_msg_rate=5, client_msg_burst=10) as gw:
+            ws, _ = await connect(gw)
+            replies = []
+            for _ in range(15):
+                replies.append(await ask(ws, {"action": "ping"}))
+            assert [r["type"] for r in replies] == ["pong"] * 10 + ["error"] * 5
+            assert replies[-1]["message"].startswith("Rate limit exceeded: at most 5 messages per second")
+            await asyncio.sleep(0.45)  # two tokens back at 5/s
+            assert (await ask(ws, {"action": "ping"}))["type"] == "pong"
+            assert (await ask(ws, {"action": "ping"}))["type"] == "pong"
+            # Keeping on regardless: after a burst's worth of refusals, 1008.
+            for _ in range(12):
+                await ws.send('{"action":"ping"}')
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert info.value.rcvd.code == 1008
+            assert info.value.rcvd.reason == "message rate exceeded"
+            assert gw.rate_limit_closes == 1
+            # Other connections are unaffected.
+            ws2, _ = await connect(gw)
+            assert (await ask(ws2, {"action": "ping"}))["type"] == "pong"
+            await ws2.close()
+    aio(main())
