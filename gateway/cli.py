@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(argv: list[str] | None = None, env=None) -> Config:
     args = build_parser().parse_args(argv)
-    return Config.from_sources(os.environ if env is None else env, vars(args))
+    config = Config.from_sources(os.environ if env is None else env, vars(args))
+    config.ssl_context()  # a bad certificate is a configuration error, caught here
+    return config
 
 
 def setup_logging(level: str) -> None:

@@ -7,7 +7,9 @@ the setting; the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
+import os
 import urllib.parse
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -134,6 +136,60 @@ def _str(name: str, text: str) -> str:
     return text
 
 
+def _optional_file(name: str, text: str) -> str:
+    path = text.strip()
+    if path and not os.path.isfile(path):
+        raise ConfigError(f"{name} must name a readable file, got {path!r}")
+    return path
+
+
+def _pem_public_key(name: str, text: str) -> str:
+    """The PEM text of a public key file (RS256/ES256 JWTs), checked now."""
+    path = _optional_file(name, text)
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+        load_pem_public_key(pem)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{name} {path!r} is not a PEM public key: {exc}") from None
+    return pem.decode()
+
+
+def _csv(name: str, text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _networks(name: str, text: str) -> tuple[str, ...]:
+    items = _csv(name, text)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{name} must be IP addresses or networks, got {item!r}") from None
+    return items
+
+
+def _origins(name: str, text: str) -> tuple[str, ...]:
+    items = _csv(name, text)
+    for item in items:
+        parts = urllib.parse.urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"{name} entries must look like https://host[:port], got {item!r}")
+    return items
+
+
+def _on_off(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise ConfigError(f"{name} must be on or off, got {text!r}")
+
+
 @dataclass(frozen=True)
 class Setting:
     field: str
@@ -174,6 +230,28 @@ SETTINGS: tuple[Setting, ...] = (
             "gets an error, and a client that keeps going is closed with 1008"),
     Setting("client_msg_burst", "WS_CLIENT_MSG_BURST", "--client-msg-burst", "40", _int(1),
             "control messages a connection may send at once before the rate applies"),
+    Setting("jwt_secret", "WS_JWT_SECRET", "--jwt-secret", "", _str,
+            "HS256 secret: when set, every connection must present a valid JWT"),
+    Setting("jwt_public_key", "WS_JWT_PUBLIC_KEY", "--jwt-public-key", "", _pem_public_key,
+            "PEM public key file for RS256/ES256 JWTs: when set, every connection must present one"),
+    Setting("max_connections_per_user", "WS_MAX_CONNECTIONS_PER_USER", "--max-connections-per-user",
+            "0", _int(0), "connections one JWT subject may hold (0: no limit)"),
+    Setting("max_connections_per_ip", "WS_MAX_CONNECTIONS_PER_IP", "--max-connections-per-ip",
+            "100", _int(0), "connections one client address may hold (0: no limit)"),
+    Setting("connect_rate", "WS_CONNECT_RATE", "--connect-rate", "0", _float(0.0),
+            "new connections per second per client address (0: no limit); over it 429 + Retry-After"),
+    Setting("connect_burst", "WS_CONNECT_BURST", "--connect-burst", "0", _int(0),
+            "new connections one address may open at once (0: twice the rate)"),
+    Setting("allowed_origins", "WS_ALLOWED_ORIGINS", "--allowed-origins", "", _origins,
+            "comma-separated Origins allowed to connect (empty: any); others get 403"),
+    Setting("trusted_proxies", "WS_TRUSTED_PROXIES", "--trusted-proxies", "", _networks,
+            "comma-separated proxy addresses/networks whose X-Forwarded-For is believed"),
+    Setting("tls_cert", "WS_TLS_CERT", "--tls-cert", "", _optional_file,
+            "PEM certificate (chain) file: serve wss:// (needs WS_TLS_KEY)"),
+    Setting("tls_key", "WS_TLS_KEY", "--tls-key", "", _optional_file,
+            "PEM private key file for WS_TLS_CERT"),
+    Setting("compression", "WS_COMPRESSION", "--compression", "on", _on_off,
+            "permessage-deflate for clients that offer it: on or off"),
     Setting("log_level", "LOG_LEVEL", "--log-level", "INFO", _log_level,
             "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -193,11 +271,41 @@ class Config:
     slow_client_policy: str = "disconnect"
     client_msg_rate: float = 20.0
     client_msg_burst: int = 40
+    jwt_secret: str = ""
+    jwt_public_key: str = ""
+    max_connections_per_user: int = 0
+    max_connections_per_ip: int = 100
+    connect_rate: float = 0.0
+    connect_burst: int = 0
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    compression: bool = True
     log_level: str = "INFO"
     redis: RedisTarget = dataclasses.field(default_factory=RedisTarget)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "redis", parse_redis_url(self.redis_url))
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("WS_TLS_CERT and WS_TLS_KEY must be set together")
+        if self.jwt_secret and self.jwt_public_key:
+            raise ConfigError("set WS_JWT_SECRET or WS_JWT_PUBLIC_KEY, not both")
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Config(host={self.host!r}, port={self.port}, redis={self.redis.describe()!r}, ...)"
+
+    def ssl_context(self):
+        """The server TLS context, or None for plain ws://."""
+        if not self.tls_cert:
+            return None
+        import ssl
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"WS_TLS_CERT/WS_TLS_KEY cannot be loaded: {exc}") from None
+        return ctx
 
     @classmethod
     def from_sources(cls, env: Mapping[str, str], overrides: Mapping[str, str | None] | None = None

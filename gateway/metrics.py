@@ -55,6 +55,12 @@ class GatewayCollector:
             errors.add_metric([kind], n)
         yield errors
 
+        refused = CounterMetricFamily("gateway_refused_connections", "Upgrades refused, by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(g.access.refusals.items()):
+            refused.add_metric([reason], n)
+        yield refused
+
         slow = CounterMetricFamily("gateway_slow_consumers", "Slow-consumer events by action",
                                    labels=["action"])
         for action in ("disconnect", "conflate"):

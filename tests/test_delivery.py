@@ -85,7 +85,8 @@ def test_bad_payloads_dropped_counted_stream_continues(aio, impl, redis_server):
 def test_order_and_completeness_many_clients(aio, impl, redis_server):
     """200 clients x 5 of 20 symbols; 2,000 pipelined trades; all arrive in order."""
     async def main():
-        async with running_gateway(impl, redis_server.url) as gw:
+        # All from 127.0.0.1: lift the per-address limit (default 100).
+        async with running_gateway(impl, redis_server.url, max_connections_per_ip=0) as gw:
             await wait_until(lambda: gw.redis.ready)
             symbols = [f"S{i}" for i in range(20)]
             subs = [[symbols[(k + j * 3) % 20] for j in range(5)] for k in range(200)]

@@ -89,7 +89,7 @@ def test_heartbeat_keeps_answering_clients_drops_silent_ones(aio, impl, redis_se
 
 def test_connect_subscribe_disconnect_churn_leaves_table_empty(aio, impl, redis_server):
     async def main():
-        async with running_gateway(impl, redis_server.url) as gw:
+        async with running_gateway(impl, redis_server.url, max_connections_per_ip=0) as gw:
             async def cycle(i):
                 ws = await client(gw.port, [f"C{i % 37}", f"C{(i * 7) % 37}", "ALL"])
                 if i % 3 == 0:

@@ -406,7 +406,8 @@ def rss_kb(pid: int) -> int:
 
 def test_churn_10000_cycles_rss_returns_to_baseline(redis_server):
     port = free_port()
-    proc = spawn_gateway(gateway_env(WS_HOST="127.0.0.1", WS_PORT=port, REDIS_URL=redis_server.url))
+    proc = spawn_gateway(gateway_env(WS_HOST="127.0.0.1", WS_PORT=port, REDIS_URL=redis_server.url,
+                                     WS_MAX_CONNECTIONS_PER_IP=0))
     try:
         wait_port(port)
         import base64
