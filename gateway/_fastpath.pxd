@@ -33,6 +33,9 @@ cdef class ClientListener(WSListener):
         # Reassembly of fragmented client messages (control plane, rare).
         object frag
         int frag_type
+        bint frag_compressed
+        # permessage-deflate was negotiated: trades go out compressed
+        public bint deflate
         object _sink                     # frames go here when there is no transport (tests)
 
     cdef bint _check_frag_size(self) except -1
@@ -77,11 +80,14 @@ cdef class Dispatcher:
         readonly uint64_t batches
         readonly uint64_t dispatch_errors
         readonly uint64_t conflated_messages
+        readonly uint64_t compressed_messages
+        object compressor                # zlib raw deflate for permessage-deflate clients
         uint64_t latency_counts[14]      # N_BUCKETS + 1 (+Inf)
         int64_t latency_sum_ns
 
     cdef int _handle(self, object reply, const char* ts, Py_ssize_t tslen) except -1
     cdef int _route(self, list msg, const char* ts, Py_ssize_t tslen) except -1
+    cdef bytes _deflate_frame(self, Py_ssize_t size)
     cdef int _grow_scratch(self, Py_ssize_t size) except -1
     cdef int _flush(self) except -1
     cdef void _observe(self, int64_t elapsed_ns) noexcept

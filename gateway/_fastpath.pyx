@@ -24,10 +24,12 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from picows.picows cimport MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 import logging
+import zlib
 
 import hiredis
 
 _log = logging.getLogger("gateway.fastpath")
+_Z_FULL_FLUSH = zlib.Z_FULL_FLUSH
 
 
 cdef extern from "Python.h":
@@ -423,18 +425,26 @@ cdef class ClientListener(WSListener):
             # Closing: picows still hands over whatever else was in the read
             # buffer (a flood can be megabytes); none of it gets an answer.
             return
+        if frame.rsv2 or frame.rsv3 or (frame.rsv1 and not (
+                self.deflate and (t == WSMsgType.TEXT or t == WSMsgType.BINARY))):
+            # RSV1 marks a compressed message, and only where permessage-deflate
+            # was negotiated; nothing defines RSV2/RSV3 here (RFC 6455 5.2).
+            self._fail(1002, "unexpected reserved bits")
+            return
         if t == WSMsgType.TEXT or t == WSMsgType.BINARY:
             if frame.fin:
                 if self.frag is not None:
                     self._fail(1002, "new message inside a fragmented one")
                     return
-                self.control.on_message(self, frame.get_payload_as_bytes(), t == WSMsgType.TEXT)
+                self.control.on_message(self, frame.get_payload_as_bytes(), t == WSMsgType.TEXT,
+                                        frame.rsv1)
             else:
                 if self.frag is not None:
                     self._fail(1002, "new message inside a fragmented one")
                     return
                 self.frag = bytearray(frame.get_payload_as_memoryview())
                 self.frag_type = t
+                self.frag_compressed = frame.rsv1
                 self._check_frag_size()
         elif t == WSMsgType.CONTINUATION:
             if self.frag is None:
@@ -446,7 +456,8 @@ cdef class ClientListener(WSListener):
             if frame.fin:
                 data = bytes(self.frag)
                 self.frag = None
-                self.control.on_message(self, data, self.frag_type == WSMsgType.TEXT)
+                self.control.on_message(self, data, self.frag_type == WSMsgType.TEXT,
+                                        self.frag_compressed)
         elif t == WSMsgType.PONG:
             self.awaiting_pong = False
         elif t == WSMsgType.CLOSE:
@@ -460,6 +471,10 @@ cdef class ClientListener(WSListener):
             self._fail(1009, "message too big")
             return False
         return True
+
+    def fail(self, int code, str reason):
+        """Close with ``code`` and disconnect (control plane use)."""
+        self._fail(code, reason)
 
     cdef _fail(self, int code, str reason):
         self.frag = None
@@ -673,6 +688,9 @@ cdef class Dispatcher:
         self.slow_consumer_callback = slow_consumer_callback
         self.touched = []
         self.reader = hiredis.Reader()
+        # One raw-deflate stream; a full flush after each message makes every
+        # message decodable on its own, whoever received the ones before.
+        self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
 
     def __dealloc__(self):
         free(self.scratch)
@@ -766,8 +784,23 @@ cdef class Dispatcher:
         if size > self.scratch_cap:
             self._grow_scratch(size)
         _write_trade_frame(self.scratch, PyBytes_AS_STRING(payload), plen, ts, tslen)
+        zframe = None
         for j in range(nsubs):
             conn = <ClientListener>PyList_GET_ITEM(subs, j)
+            if conn.deflate:
+                # Compressed once per message, for every client that
+                # negotiated permessage-deflate (server_no_context_takeover).
+                if zframe is None:
+                    zframe = self._deflate_frame(size)
+                if conn.conflating:
+                    conn.conflate(channel, PyBytes_AS_STRING(zframe), PyBytes_GET_SIZE(zframe))
+                    held += 1
+                    continue
+                conn.append_frame(PyBytes_AS_STRING(zframe), PyBytes_GET_SIZE(zframe))
+                if not conn.in_batch:
+                    conn.in_batch = True
+                    self.touched.append(conn)
+                continue
             if conn.conflating:
                 conn.conflate(channel, self.scratch, size)
                 held += 1
@@ -780,6 +813,23 @@ cdef class Dispatcher:
         self.conflated_messages += held
         self.bytes_sent += <uint64_t>((nsubs - held) * size)
         return 0
+
+    cdef bytes _deflate_frame(self, Py_ssize_t size):
+        # The plain frame in scratch -> the same message as a compressed frame.
+        cdef Py_ssize_t h = 2 if (<uint8_t*>self.scratch)[1] < 126 else (
+            4 if (<uint8_t*>self.scratch)[1] == 126 else 10)
+        body = PyBytes_FromStringAndSize(self.scratch + h, size - h)
+        z = self.compressor.compress(body) + self.compressor.flush(_Z_FULL_FLUSH)
+        # RFC 7692 7.2.1: drop the trailing empty block's 00 00 ff ff.
+        cdef Py_ssize_t zn = PyBytes_GET_SIZE(z) - 4
+        cdef Py_ssize_t zh = _header_size(zn)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, zh + zn)
+        cdef char* o = PyBytes_AS_STRING(out)
+        _write_header(<uint8_t*>o, zn)
+        o[0] = <char>0xC1  # FIN + RSV1 (compressed) + text
+        memcpy(o + zh, PyBytes_AS_STRING(z), zn)
+        self.compressed_messages += 1
+        return out
 
     cdef int _grow_scratch(self, Py_ssize_t size) except -1:
         cdef char* grown = <char*>realloc(self.scratch, size)

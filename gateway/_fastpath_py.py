@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 
 import hiredis
 import orjson
@@ -83,6 +84,8 @@ class ClientListener(WSListener):
         self.in_batch = False
         self.frag: bytearray | None = None
         self.frag_type = WSMsgType.TEXT
+        self.frag_compressed = False
+        self.deflate = False
 
     def on_ws_connected(self, transport):
         self.transport = transport
@@ -93,15 +96,21 @@ class ClientListener(WSListener):
         t = frame.msg_type
         if transport.is_close_frame_sent:
             return
+        if frame.rsv2 or frame.rsv3 or (frame.rsv1 and not (
+                self.deflate and (t == WSMsgType.TEXT or t == WSMsgType.BINARY))):
+            self._fail(1002, "unexpected reserved bits")
+            return
         if t == WSMsgType.TEXT or t == WSMsgType.BINARY:
             if self.frag is not None:
                 self._fail(1002, "new message inside a fragmented one")
                 return
             if frame.fin:
-                self.control.on_message(self, frame.get_payload_as_bytes(), t == WSMsgType.TEXT)
+                self.control.on_message(self, frame.get_payload_as_bytes(), t == WSMsgType.TEXT,
+                                        bool(frame.rsv1))
             else:
                 self.frag = bytearray(frame.get_payload_as_memoryview())
                 self.frag_type = t
+                self.frag_compressed = bool(frame.rsv1)
                 self._check_frag_size()
         elif t == WSMsgType.CONTINUATION:
             if self.frag is None:
@@ -113,7 +122,8 @@ class ClientListener(WSListener):
             if frame.fin:
                 data = bytes(self.frag)
                 self.frag = None
-                self.control.on_message(self, data, self.frag_type == WSMsgType.TEXT)
+                self.control.on_message(self, data, self.frag_type == WSMsgType.TEXT,
+                                        self.frag_compressed)
         elif t == WSMsgType.PONG:
             self.awaiting_pong = False
         elif t == WSMsgType.CLOSE:
@@ -126,6 +136,9 @@ class ClientListener(WSListener):
             self._fail(1009, "message too big")
             return False
         return True
+
+    def fail(self, code: int, reason: str) -> None:
+        self._fail(code, reason)
 
     def _fail(self, code: int, reason: str) -> None:
         self.frag = None
@@ -276,6 +289,8 @@ class Dispatcher:
         self.batches = 0
         self.dispatch_errors = 0
         self.conflated_messages = 0
+        self.compressed_messages = 0
+        self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
         self.latency_counts = [0] * (len(_BUCKET_NS) + 1)
         self.latency_sum_ns = 0
 
@@ -335,20 +350,33 @@ class Dispatcher:
         if subs is None:
             self.unrouted_messages += 1
             return
-        frame = encode_text_frame(b"".join((_HEAD, payload, _MID, ts, b"}")))
+        body = b"".join((_HEAD, payload, _MID, ts, b"}"))
+        frame = encode_text_frame(body)
+        zframe = None
         held = 0
         for conn in subs:
+            f = frame
+            if conn.deflate:
+                if zframe is None:
+                    zframe = self._deflate_frame(body)
+                f = zframe
             if conn.conflating:
-                conn.conflate(channel, frame)
+                conn.conflate(channel, f)
                 held += 1
                 continue
-            conn.out += frame
+            conn.out += f
             if not conn.in_batch:
                 conn.in_batch = True
                 self.touched.append(conn)
         self.frames_sent += len(subs) - held
         self.conflated_messages += held
         self.bytes_sent += (len(subs) - held) * len(frame)
+
+    def _deflate_frame(self, body: bytes) -> bytes:
+        z = self.compressor.compress(body) + self.compressor.flush(zlib.Z_FULL_FLUSH)
+        z = z[:-4]  # RFC 7692 7.2.1: drop the trailing 00 00 ff ff
+        self.compressed_messages += 1
+        return bytes((0xC1,)) + _header(len(z))[1:] + z
 
     def _flush(self) -> None:
         touched, self.touched = self.touched, []

@@ -34,7 +34,10 @@ class GatewayCollector:
         yield counter("gateway_connections_accepted", "Connections accepted", g.connections_total)
         yield counter("gateway_redis_messages", "Messages received from Redis", d.redis_messages)
         yield counter("gateway_frames_sent", "Trade frames delivered to clients", d.frames_sent)
-        yield counter("gateway_bytes_sent", "Trade frame bytes delivered to clients", d.bytes_sent)
+        yield counter("gateway_bytes_sent", "Trade frame bytes delivered to clients (before compression)",
+                      d.bytes_sent)
+        yield counter("gateway_compressed_messages", "Trades compressed (once each) for deflate clients",
+                      d.compressed_messages)
         yield counter("gateway_writes", "Batched socket writes to clients", d.writes)
         yield counter("gateway_client_messages", "Messages received from clients", g.client_messages)
         yield counter("gateway_dropped_payloads", "Redis payloads dropped (not a JSON object)",

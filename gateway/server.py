@@ -18,7 +18,7 @@ import uuid
 import orjson
 from picows import WSCloseCode, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
-from . import fastpath, metrics, wsserver
+from . import compression, fastpath, metrics, wsserver
 from .access import AccessPolicy, Refusal
 from .config import Config
 from .control import ControlHandler, encode, error_reply, now_ms
@@ -114,10 +114,17 @@ class Gateway:
             t.send_close(WSCloseCode.POLICY_VIOLATION, b"token expired")
             t.disconnect()
 
-    def on_message(self, conn, data: bytes, is_text: bool) -> None:
+    def on_message(self, conn, data: bytes, is_text: bool, compressed: bool = False) -> None:
         self.client_messages += 1
         if self._rate and not self._take_token(conn):
             return
+        if compressed:
+            try:
+                data = compression.inflate(data, self.max_message_size)
+            except compression.InflateError as exc:
+                self.control.count_error("bad_compression" if exc.code == 1007 else "too_big")
+                conn.fail(exc.code, exc.reason)
+                return
         conn.send_text(self.control.handle(conn, data, is_text))
         if conn.paused and conn.write_buffer_size() > self.config.max_buffered_bytes:
             # Requests sent faster than their replies are read: replies
@@ -217,6 +224,14 @@ class Gateway:
             return _http_refusal(decision)
         listener = self.impl.ClientListener(self, "", decision.max_symbols or self.config.max_symbols)
         listener.user = decision
+        if self.config.compression:
+            offers = request.headers.getall("Sec-WebSocket-Extensions", ())
+            agreed = compression.accept(offers) if offers else None
+            if agreed:
+                listener.deflate = True
+                return WSUpgradeResponseWithListener(
+                    WSUpgradeResponse.create_101_response({"Sec-WebSocket-Extensions": agreed}),
+                    listener)
         return listener
 
     # plain HTTP on the WebSocket port ------------------------------------------

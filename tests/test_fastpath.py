@@ -40,8 +40,10 @@ def ref_is_object(x: bytes) -> bool:
         return False
 
 
-def parse_frames(buf: bytes) -> list[tuple[bool, int, bytes]]:
-    """Split ``buf`` into server-to-client frames (RFC 6455 5.2); all must be whole."""
+def parse_frames(buf: bytes, rsv: int = 0) -> list[tuple[bool, int, bytes]]:
+    """Split ``buf`` into server-to-client frames (RFC 6455 5.2); all must be whole
+    and carry exactly the ``rsv`` bits given (0x40: compressed)."""
+    expected_rsv = rsv
     frames = []
     i, n = 0, len(buf)
     while i < n:
@@ -49,7 +51,7 @@ def parse_frames(buf: bytes) -> list[tuple[bool, int, bytes]]:
         b0, b1 = buf[i], buf[i + 1]
         fin, rsv, opcode = bool(b0 & 0x80), b0 & 0x70, b0 & 0x0F
         masked, length = bool(b1 & 0x80), b1 & 0x7F
-        assert rsv == 0, "RSV bits set"
+        assert rsv == expected_rsv, "unexpected RSV bits"
         assert not masked, "server frames must not be masked"
         i += 2
         if length == 126:
@@ -912,3 +914,26 @@ def test_client_listener_defaults_and_send_text(impl):
     conn.sink = sink.append
     conn.send_text(b'{"type":"pong"}')
     assert sink == [expected_frame(b'{"type":"pong"}')]
+
+
+def test_dispatch_deflate_clients_same_bytes_in_both_implementations():
+    """Compressed trade frames: RSV1 set, inflatable alone, and identical in both."""
+    import zlib
+
+    from gateway import _fastpath, _fastpath_py
+    outputs = []
+    for mod in (_fastpath, _fastpath_py):
+        rig = Rig(mod, {"z": ["BTC"], "p": ["BTC"]})
+        rig.conns["z"].deflate = True
+        rig.feed(pmessage(ch("BTC"), P1) + pmessage(ch("BTC"), P2))
+        assert rig.dispatcher.compressed_messages == 2
+        assert rig.payloads("p") == [P1, P2]
+        frames = parse_frames(b"".join(rig.sinks["z"]), rsv=0x40)
+        bodies = []
+        for fin, opcode, payload in frames:
+            bodies.append(zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff"))
+        assert [split_trade(b)[0] for b in bodies] == [P1, P2]
+        raw = b"".join(rig.sinks["z"])
+        assert raw[0] == 0xC1
+        outputs.append(re.sub(rb'"timestamp":\d+', b"", b"".join(bodies)))
+    assert outputs[0] == outputs[1]
