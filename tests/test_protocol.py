@@ -221,19 +221,7 @@ def test_client_close_handshake(aio, impl, redis_server):
 
 def test_raw_socket_protocol_errors(aio, impl, redis_server):
     """Frames no library would send: unmasked client frame, bad opcode, stray continuation."""
-    import base64
-    import os
-
-    def handshake(port):
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        key = base64.b64encode(os.urandom(16)).decode()
-        s.sendall((f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            buf += s.recv(4096)
-        assert buf.startswith(b"HTTP/1.1 101")
-        return s
+    from test_lifecycle import raw_upgrade as handshake
 
     def read_until_closed(s) -> bytes:
         data = b""
