@@ -699,9 +699,10 @@ cdef class Dispatcher:
         """Forget any partial reply (call on every new Redis connection)."""
         self.reader = hiredis.Reader()
 
-    def feed(self, data):
-        """Parse ``data`` (bytes-like) from Redis, dispatch, and flush."""
-        cdef Py_ssize_t n = len(data), off = 0, k
+    def feed(self, data, Py_ssize_t nbytes=-1):
+        """Parse ``data[:nbytes]`` (bytes-like; all of it by default) from
+        Redis, dispatch, and flush."""
+        cdef Py_ssize_t n = len(data) if nbytes < 0 else nbytes, off = 0, k
         cdef char ts[24]
         cdef Py_ssize_t tslen = snprintf(ts, sizeof(ts), "%lld", <long long>now_ms())
         cdef int64_t t0 = now_ns()

@@ -297,13 +297,14 @@ class Dispatcher:
     def reset(self) -> None:
         self.reader = hiredis.Reader()
 
-    def feed(self, data) -> None:
+    def feed(self, data, nbytes: int = -1) -> None:
         t0 = time.monotonic_ns()
         ts = str(time.time_ns() // 1_000_000).encode()
         reader = self.reader
+        n = len(data) if nbytes < 0 else nbytes
         try:
-            for off in range(0, len(data), FEED_CHUNK):
-                reader.feed(data, off, min(FEED_CHUNK, len(data) - off))
+            for off in range(0, n, FEED_CHUNK):
+                reader.feed(data, off, min(FEED_CHUNK, n - off))
                 while (reply := reader.gets()) is not False:
                     self._handle(reply, ts)
         finally:
