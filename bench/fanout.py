@@ -23,10 +23,19 @@ Scenarios:
     latency   market topology at fixed offered loads (open loop, 1 ms ticks)
     memory    RSS per idle subscribed connection at 10,000 connections
     hot       one symbol broadcast to 5,000 clients, saturation
+    market-deflate  market with every client negotiating permessage-deflate
+    market-mixed    market with half the clients negotiating permessage-deflate
+    market-auth     market with WS_JWT_SECRET set, every client presenting a JWT
+
+The market-* scenarios are comparisons: they always run next to a plain market
+case on the same variant, in the same invocation (the order reversed on odd
+repeats), and the report sets each against that plain run.  They apply to
+compiled and purepy; the baseline has neither JWT nor a shared compressor.
 
 Usage:
     python bench/fanout.py [--variants compiled,purepy,baseline]
-                           [--scenarios protocol,market,wide,latency,memory,hot]
+                           [--scenarios protocol,market,wide,latency,memory,hot,
+                                        market-deflate,market-mixed,market-auth]
                            [--smoke] [--repeat N] [--out bench/results.json]
 
 Exit status: 0 when every case ran and was correct (no loss, order kept,
@@ -43,6 +52,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -60,7 +70,15 @@ GATEWAY_CPU = 0
 AUX_CPU = 1
 CHANNEL_PREFIX = "channel:trade:"
 ALL_VARIANTS = ["compiled", "purepy", "baseline"]
-ALL_SCENARIOS = ["protocol", "market", "wide", "latency", "memory", "hot"]
+ALL_SCENARIOS = ["protocol", "market", "wide", "latency", "memory", "hot",
+                 "market-deflate", "market-mixed", "market-auth"]
+# The market workload with one feature switched on.  Each is measured against
+# a plain market case run right next to it (see schedule()).
+MARKET_MODES = {
+    "market-deflate": {"mode": "deflate", "deflate": 1.0},
+    "market-mixed": {"mode": "mixed", "deflate": 0.5},
+    "market-auth": {"mode": "auth", "auth": True},
+}
 
 
 class HarnessError(Exception):
@@ -252,13 +270,16 @@ def build_tools() -> dict[str, Path]:
     cache = Path(tempfile.gettempdir()) / "gateway-bench-build"
     cache.mkdir(exist_ok=True)
     out = {}
+    # The load client inflates permessage-deflate frames with zlib.
+    libs = {"loadclient": ["-lz"], "publisher": []}
     for name in ("loadclient", "publisher"):
         src = BENCH / f"{name}.c"
-        digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+        # the link flags are part of the key: a binary built without them is stale
+        digest = hashlib.sha256(src.read_bytes() + " ".join(libs[name]).encode()).hexdigest()[:16]
         exe = cache / f"{name}-{digest}"
         if not exe.exists():
             tmp = cache / f".{name}-{digest}.{os.getpid()}"
-            r = subprocess.run([gcc, "-O2", "-Wall", "-o", str(tmp), str(src)],
+            r = subprocess.run([gcc, "-O2", "-Wall", "-o", str(tmp), str(src), *libs[name]],
                                capture_output=True, text=True, timeout=120)
             if r.returncode != 0:
                 raise HarnessError(f"building {name} failed:\n{r.stderr}")
@@ -351,7 +372,7 @@ def variant_available(variant: str) -> tuple[bool, str]:
 
 class Gateway:
     def __init__(self, variant: str, redis: Redis, logdir: Path, tag: str,
-                 nofile: int = 20000) -> None:
+                 nofile: int = 20000, extra_env: dict | None = None) -> None:
         self.variant = variant
         self.port = free_port()
         self.log = logdir / f"gateway-{tag}.log"
@@ -364,6 +385,12 @@ class Gateway:
                    # gateway's per-address connection cap (the baseline has none)
                    WS_MAX_CONNECTIONS_PER_IP="0")
         env.pop("GATEWAY_NO_EXTENSIONS", None)
+        # Whatever the caller's environment says, a case starts with compression
+        # at its default (on: it only applies to clients that offer it) and
+        # authentication off, unless the case asks for it.
+        for k in ("WS_JWT_SECRET", "WS_JWT_PUBLIC_KEY", "WS_COMPRESSION"):
+            env.pop(k, None)
+        env.update(extra_env or {})
         if variant == "baseline":
             argv = [sys.executable, str(BENCH / "baseline_gateway.py")]
         else:
@@ -486,6 +513,7 @@ class LoadClient:
     def __init__(self, exe: Path, port: int, connfile: Path, *, deadline_s: float,
                  run_s: float = 0, sample: int, idle_ms: int = 0, skip_ms: int = 0,
                  hold: bool = False, grace_ms: int = 0, inflight: int = 64,
+                 deflate: float = 0.0, paths_file: Path | None = None,
                  workdir: Path) -> None:
         # deadline_s bounds the whole life of the client; run_s bounds the part
         # after READY, so a slow connect phase does not lengthen a run.
@@ -495,6 +523,10 @@ class LoadClient:
                 "-g", str(grace_ms), "-m", str(inflight)]
         if hold:
             argv.append("-w")
+        if deflate:
+            argv += ["-z", f"{deflate:g}"]
+        if paths_file:
+            argv += ["-T", str(paths_file)]
         self.deadline_s = deadline_s
         self.out_path = workdir / f"loadclient-{time.monotonic_ns()}.out"
         self.out = open(self.out_path, "wb")
@@ -562,7 +594,7 @@ def correctness_problems(lc: dict, pub: dict | None, *, allow_missing: bool = Fa
     probs = []
     for key in ("connect_failures", "upgrade_errors", "subscribe_errors", "server_closes",
                 "closed_while_active", "extra", "seq_gaps", "seq_dups", "wrong_symbol",
-                "parse_errors"):
+                "parse_errors", "rsv_errors", "extension_errors", "inflate_errors"):
         if lc.get(key):
             probs.append(f"{key}={lc[key]}")
     if lc.get("missing") and not allow_missing:
@@ -579,6 +611,49 @@ def slim(lc: dict) -> dict:
     return {k: v for k, v in lc.items() if k != "latency_hist"}
 
 
+# ------------------------------------------------------- auth, upgrades ----
+
+def make_tokens(n: int, secret: str) -> list[str]:
+    """HS256 tokens for user0..user(n-1): one per connection, as distinct users
+    would present them (per-user connection limits are off by default)."""
+    try:
+        import jwt   # PyJWT: the gateway's own dependency for WS_JWT_SECRET
+    except ImportError as e:
+        raise HarnessError(f"market-auth needs PyJWT in the harness's python: {e}") from None
+    return [jwt.encode({"sub": f"user{i}"}, secret, algorithm="HS256") for i in range(n)]
+
+
+def upgrade_status(port: int, path: str = "/") -> int:
+    """HTTP status of one WebSocket upgrade request (0 if no status line came
+    back); the connection is closed right after the status line."""
+    req = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+           "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           "Sec-WebSocket-Version: 13\r\n\r\n")
+    buf = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(req.encode())
+        while b"\r\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    m = re.match(rb"HTTP/1\.[01] (\d{3})", buf)
+    return int(m.group(1)) if m else 0
+
+
+def auth_refusals(port: int, secret: str) -> list[str]:
+    """Problems if the gateway admits what it must refuse: no token, and a
+    token signed with another secret.  Guards the auth case against measuring
+    a gateway that quietly ignores WS_JWT_SECRET."""
+    probs = []
+    forged = make_tokens(1, secret + "-not")[0]
+    for label, path in (("no token", "/"), ("token with a wrong signature", f"/?token={forged}")):
+        status = upgrade_status(port, path)
+        if status != 401:
+            probs.append(f"upgrade with {label} got HTTP {status}, expected 401")
+    return probs
+
+
 # ------------------------------------------------------------ scenarios ----
 
 @dataclass
@@ -593,28 +668,61 @@ class Ctx:
 
 def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msgs: int | None = None,
                   rate: int | None = None, duration_s: float | None = None, sample: int,
-                  skip_ms: int = 0, allow_overload: bool = False, inflight: int = 64) -> dict:
-    """One gateway, one load client, one publisher run; returns the case record."""
+                  skip_ms: int = 0, allow_overload: bool = False, inflight: int = 64,
+                  mode: str = "plain", deflate: float = 0.0, auth: bool = False) -> dict:
+    """One gateway, one load client, one publisher run; returns the case record.
+
+    deflate: fraction of the clients that offer permessage-deflate.
+    auth: run the gateway with WS_JWT_SECRET and give every client its own token.
+    """
     sz = ctx.sizes
     if rate:
         nticks = int(duration_s * 1000 + 0.5)
         total_msgs = int(rate * nticks / 1000)
     counts = per_symbol_counts(total_msgs, topo.nsym)
     symfile, connfile, expected = topo.write(ctx.workdir, tag, counts)
-    gw = Gateway(variant, ctx.redis, ctx.workdir, tag)
+    n = len(topo.clients)
+    extra_env: dict = {}
+    paths_file = None
+    secret = ""
+    warm_path = "/"
+    if auth:
+        secret = secrets.token_hex(32)
+        extra_env["WS_JWT_SECRET"] = secret
+        tokens = make_tokens(n, secret)
+        paths_file = ctx.workdir / f"paths-{tag}.txt"
+        paths_file.write_text("".join(f"/?token={t}\n" for t in tokens))
+        warm_path = f"/?token={tokens[0]}"
+    gw = Gateway(variant, ctx.redis, ctx.workdir, tag, extra_env=extra_env)
+    auth_probs: list[str] = []
     try:
-        n = len(topo.clients)
+        # One upgrade before the load client, measured on its own: whatever the
+        # first connection pays once (a lazy import, say) stays out of the
+        # per-connection connect cost below, and is reported apart.
+        sched_w0 = gw.schedstat()
+        warm_status = upgrade_status(gw.port, warm_path)
+        # schedstat is brought up to date when the gateway goes back to sleep:
+        # give it time to finish this connection (welcome, close) first.
+        time.sleep(0.05)
+        sched_w1 = gw.schedstat()
+        if warm_status != 101:
+            raise HarnessError(f"warm-up upgrade got HTTP {warm_status}:\n{gw.log_tail()}")
         connect_budget = 30 + n / 200        # generous: a slow gateway accepts ~1k/s
         run_budget = (duration_s + sz.latency_drain_s) if rate else sz.sat_timeout_s
         lc = LoadClient(ctx.tools["loadclient"], gw.port, connfile,
                         deadline_s=connect_budget + run_budget, run_s=run_budget, sample=sample,
                         idle_ms=0 if rate else 5000, skip_ms=skip_ms, grace_ms=200,
-                        inflight=inflight, workdir=ctx.workdir)
+                        inflight=inflight, deflate=deflate, paths_file=paths_file,
+                        workdir=ctx.workdir)
         try:
             ok_conns, failed = lc.wait_ready(connect_budget)
         except HarnessError:
             PROCS.stop(lc.proc, timeout=2)
             raise
+        # Gateway CPU for the connect phase: upgrade (and token check), welcome,
+        # subscribe, for every connection.  READY is polled every 20 ms, so the
+        # window ends a little late, but an idle gateway spends nothing then.
+        sched_c1 = gw.schedstat()
         rss_ready = gw.rss_kib()
         cpu0, rcpu0, t0_real = gw.cpu_s(), ctx.redis.cpu_s(), time.time_ns()
         sched0 = gw.schedstat()
@@ -631,6 +739,8 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         ksoft1 = proc_cpu_or_zero(ksoft_pid)
         alive = gw.alive()
         rss_end = gw.rss_kib() if alive else None
+        if auth and alive:
+            auth_probs = auth_refusals(gw.port, secret)   # after the measurement
     finally:
         rc = gw.stop(ctx.redis)
     frames = rep["frames_total"]
@@ -642,6 +752,16 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         # schedule's end; otherwise the gateway fell behind the offered load.
         overloaded = bool(rep["missing"]) or (window_s or 0) > duration_s + 1.0
     probs = correctness_problems(rep, pub, allow_missing=allow_overload and overloaded)
+    probs += auth_probs
+    if deflate:
+        # The gateway agrees to every offer it can and compresses every trade for
+        # those clients; otherwise this case would measure something else.
+        if rep["deflate_conns"] != rep["deflate_offered"]:
+            probs.append(f"permessage-deflate agreed on {rep['deflate_conns']} of "
+                         f"{rep['deflate_offered']} offers")
+        if rep["compressed_frames"] != rep["deflate_conn_frames"]:
+            probs.append(f"{rep['deflate_conn_frames'] - rep['compressed_frames']} trades reached "
+                         "deflate clients uncompressed")
     if not alive:
         probs.append(f"gateway died during the case (exit {gw.proc.returncode})")
     probs += [f"gateway log: {l}" for l in gw.log_problems()]
@@ -662,8 +782,11 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
     if rc not in (0, None) and alive:
         notes.append(f"gateway exit code {rc} after SIGTERM (a clean stop exits 0; "
                      "-9 means it ignored SIGTERM for 10 s)")
+    sched_cpu = (sched1[0] - sched0[0]) / 1e9 if sched0 and sched1 else None
+    connect_cpu = (sched_c1[0] - sched_w1[0]) / 1e9 if sched_w1 and sched_c1 else None
+    cframes, pframes = rep["compressed_frames"], frames - rep["compressed_frames"]
     return {
-        "variant": variant, "clients": n, "symbols": topo.nsym,
+        "variant": variant, "mode": mode, "clients": n, "symbols": topo.nsym,
         "published": pub["sent"], "expected_deliveries": expected, "deliveries": frames,
         "missing": rep["missing"], "order_violations": rep["seq_gaps"] + rep["seq_dups"],
         "window_s": window_s,
@@ -679,7 +802,25 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         "gateway_core_shared": shared,
         "notes": notes,
         "core_aux": aux,
-        "gateway_cpu_s_schedstat": (sched1[0] - sched0[0]) / 1e9 if sched0 and sched1 else None,
+        "gateway_cpu_s_schedstat": sched_cpu,
+        # the same per delivery in ns precision (utime+stime ticks are 10 ms, a
+        # few % of a compiled market window): what the market-* comparison uses
+        "gateway_cpu_us_per_delivery_schedstat": sched_cpu / frames * 1e6 if frames and sched_cpu else None,
+        # connect phase: N connections upgraded, welcomed and subscribed
+        "connect_s": rep.get("connect_s"),
+        "gateway_connect_cpu_s": connect_cpu,
+        "gateway_connect_cpu_us_per_conn": connect_cpu / ok_conns * 1e6 if connect_cpu and ok_conns else None,
+        "gateway_first_upgrade_cpu_ms": (sched_w1[0] - sched_w0[0]) / 1e6 if sched_w0 and sched_w1 else None,
+        # WebSocket frame bytes (header + payload; no TCP/IP) per delivery, by kind
+        "deflate_fraction": deflate, "deflate_conns": rep.get("deflate_conns"),
+        "compressed_frames": cframes,
+        "wire_bytes_per_delivery": (rep["wire_bytes_compressed"] + rep["wire_bytes_plain"]) / frames
+        if frames else None,
+        "wire_bytes_per_compressed_delivery": rep["wire_bytes_compressed"] / cframes if cframes else None,
+        "wire_bytes_per_plain_delivery": rep["wire_bytes_plain"] / pframes if pframes else None,
+        # payload compression on the sampled connections (what they inflated)
+        "deflate_ratio": rep["inflated_in_bytes"] / rep["inflated_out_bytes"]
+        if rep.get("inflated_out_bytes") else None,
         "gateway_cpu_util": gw_cpu / window_s if window_s else None,
         "gateway_cpu_us_per_delivery": gw_cpu / frames * 1e6 if frames else None,
         "gateway_cpu_us_per_publish": gw_cpu / pub["sent"] * 1e6 if pub["sent"] else None,
@@ -702,6 +843,49 @@ def scen_market(ctx: Ctx, variant: str) -> list[dict]:
     topo = Topology(sz.market_symbols, client_symbols(sz.market_clients, sz.market_symbols, sz.per_client))
     return [delivery_case(ctx, variant, f"market-{variant}", topo, total_msgs=sz.market_msgs,
                           sample=sz.sample_every)]
+
+
+def market_mode(name: str):
+    """The market workload (same topology, trades and sampling as `market`)
+    with the feature of MARKET_MODES[name] switched on."""
+    opts = MARKET_MODES[name]
+
+    def scen(ctx: Ctx, variant: str) -> list[dict]:
+        sz = ctx.sizes
+        topo = Topology(sz.market_symbols, client_symbols(sz.market_clients, sz.market_symbols, sz.per_client))
+        return [delivery_case(ctx, variant, f"{name}-{variant}", topo, total_msgs=sz.market_msgs,
+                              sample=sz.sample_every, **opts)]
+    scen.__name__ = f"scen_{name.replace('-', '_')}"
+    return scen
+
+
+def not_applicable(scen: str, variant: str) -> str | None:
+    """Why a scenario does not run on a variant (None: it does)."""
+    if scen in MARKET_MODES and variant == "baseline":
+        return ("the baseline has no JWT check and compresses per connection with "
+                "websockets' own deflate: not the gateway's feature under test")
+    return None
+
+
+def schedule(scenarios: list[str]) -> list[list[str]]:
+    """Scenarios grouped into units that run together per variant and repeat.
+
+    `market` and the market-* modes form one unit, at the place of the first of
+    them: a plain market case always runs, and each mode runs right after it on
+    the same variant (reversed on odd repeats), so a mode is compared with a
+    plain run made seconds apart, not a whole benchmark apart."""
+    units: list[list[str]] = []
+    group: list[str] | None = None
+    for s in scenarios:
+        if s == "market" or s in MARKET_MODES:
+            if group is None:
+                group = ["market"]
+                units.append(group)
+            if s not in group:
+                group.append(s)
+        else:
+            units.append([s])
+    return units
 
 
 def scen_wide(ctx: Ctx, variant: str) -> list[dict]:
@@ -964,7 +1148,8 @@ def scen_protocol(ctx: Ctx, variant: str) -> list[dict]:
 
 
 SCENARIOS = {"protocol": scen_protocol, "market": scen_market, "wide": scen_wide,
-             "latency": scen_latency, "memory": scen_memory, "hot": scen_hot}
+             "latency": scen_latency, "memory": scen_memory, "hot": scen_hot,
+             **{name: market_mode(name) for name in MARKET_MODES}}
 
 
 # ------------------------------------------------------------- reporting ----
@@ -1037,7 +1222,49 @@ def markdown(results: list[dict]) -> str:
             out.append(f"- **{r['variant']}**: " + "; ".join(r.get("problems") or [r.get("error", "?")]))
         if bad:
             out.append("")
+    compare_modes(results, table, out)
     return "\n".join(out)
+
+
+def compare_modes(results: list[dict], table, out: list[str]) -> None:
+    """market-* cases against the plain market case of the same variant and
+    repeat (run next to each other).  CPU is from schedstat (ns), the figure
+    fine enough for differences of a few %."""
+    modes = [r for r in results if r["scenario"] in MARKET_MODES and "deliveries" in r]
+    if not modes:
+        return
+    plain = {(r["variant"], r["repeat"]): r for r in results
+             if r["scenario"] == "market" and "deliveries" in r}
+
+    def vs_plain(us, p):
+        base = p.get("gateway_cpu_us_per_delivery_schedstat") if p else None
+        return f"{us / base:.2f}x" if us is not None and base else "-"
+
+    out.append("### market: plain vs deflate / mixed / auth (same invocation)")
+    out.append("")
+    rows = []
+    for r in sorted(modes + [p for p in plain.values()
+                             if any((m["variant"], m["repeat"]) == (p["variant"], p["repeat"])
+                                    for m in modes)],
+                    key=lambda r: (r["variant"], r["repeat"], ["plain", "deflate", "mixed", "auth"]
+                                   .index(r.get("mode", "plain")))):
+        p = plain.get((r["variant"], r["repeat"]))
+        us = r.get("gateway_cpu_us_per_delivery_schedstat")
+        rows.append([r["variant"], r["repeat"], r.get("mode", "plain"),
+                     f"{r.get('deflate_conns') or 0}/{r.get('clients')}",
+                     fmt(us, ".3f"),
+                     vs_plain(us, p) if r is not p else "-",
+                     fmt(r.get("deliveries_per_s"), ",.0f"),
+                     fmt(r.get("wire_bytes_per_delivery"), ".0f"),
+                     fmt(r.get("wire_bytes_per_compressed_delivery"), ".0f"),
+                     fmt(r.get("loadclient_cpu_us_per_delivery"), ".3f"),
+                     fmt(r.get("connect_s"), ".3f"),
+                     fmt(r.get("gateway_connect_cpu_us_per_conn"), ".0f"),
+                     fmt(r.get("gateway_first_upgrade_cpu_ms"), ".1f"),
+                     r.get("ok")])
+    table(["variant", "rep", "mode", "deflate conns", "gw µs/deliv", "vs plain", "deliveries/s",
+           "wire B/deliv", "B/compressed", "lc µs/deliv", "connect s", "gw connect µs/conn",
+           "1st upgrade ms", "ok"], rows)
 
 
 # ------------------------------------------------------------------ main ----
@@ -1106,34 +1333,40 @@ def main(argv=None) -> int:
         redis = Redis(workdir)
         ctx = Ctx(tools, redis, workdir, sizes, args.smoke, results)
         avail = {v: variant_available(v) for v in args.variants}
-        for scen in args.scenarios:
+
+        def run_case(scen: str, v: str, rep: int) -> None:
+            base = {"scenario": scen, "variant": v, "repeat": rep}
+            ok, why = avail[v]
+            why = why if not ok else not_applicable(scen, v)
+            if why:
+                results.append({**base, "skipped": why, "ok": True})
+                print(f"[skip] {scen}/{v}: {why}", file=sys.stderr)
+                return
+            t = time.monotonic()
+            try:
+                for attempt in range(1 + retries):
+                    recs = SCENARIOS[scen](ctx, v)
+                    if not any(r.get("gateway_core_shared") for r in recs):
+                        break
+                    if attempt < retries:
+                        print(f"[noisy] {scen}/{v}: gateway core shared, re-running",
+                              file=sys.stderr)
+                for rec in recs:
+                    results.append({**base, **rec, "attempts": attempt + 1})
+            except HarnessError as e:
+                # A gateway that cannot start or crashes is a finding for
+                # that case; the run goes on with the next one.
+                results.append({**base, "ok": False, "error": str(e), "problems": [str(e)]})
+            status = "ok" if all(r.get("ok") for r in results if r["scenario"] == scen
+                                 and r["variant"] == v and r["repeat"] == rep) else "FAIL"
+            print(f"[{status}] {scen}/{v} in {time.monotonic() - t:.1f}s", file=sys.stderr)
+
+        for unit in schedule(args.scenarios):
             for rep in range(args.repeat):
                 order = args.variants if rep % 2 == 0 else list(reversed(args.variants))
                 for v in order:
-                    base = {"scenario": scen, "variant": v, "repeat": rep}
-                    ok, why = avail[v]
-                    if not ok:
-                        results.append({**base, "skipped": why, "ok": True})
-                        print(f"[skip] {scen}/{v}: {why}", file=sys.stderr)
-                        continue
-                    t = time.monotonic()
-                    try:
-                        for attempt in range(1 + retries):
-                            recs = SCENARIOS[scen](ctx, v)
-                            if not any(r.get("gateway_core_shared") for r in recs):
-                                break
-                            if attempt < retries:
-                                print(f"[noisy] {scen}/{v}: gateway core shared, re-running",
-                                      file=sys.stderr)
-                        for rec in recs:
-                            results.append({**base, **rec, "attempts": attempt + 1})
-                    except HarnessError as e:
-                        # A gateway that cannot start or crashes is a finding for
-                        # that case; the run goes on with the next one.
-                        results.append({**base, "ok": False, "error": str(e), "problems": [str(e)]})
-                    status = "ok" if all(r.get("ok") for r in results if r["scenario"] == scen
-                                         and r["variant"] == v and r["repeat"] == rep) else "FAIL"
-                    print(f"[{status}] {scen}/{v} in {time.monotonic() - t:.1f}s", file=sys.stderr)
+                    for scen in (unit if rep % 2 == 0 else list(reversed(unit))):
+                        run_case(scen, v, rep)
     except (HarnessError, KeyboardInterrupt) as e:
         harness_error = str(e) or type(e).__name__
         print(f"harness error: {harness_error}", file=sys.stderr)

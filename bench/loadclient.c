@@ -15,7 +15,17 @@
  *
  * Connection file (-f): one line per connection:
  *     <expected data frames> SYM1 SYM2 ...
- * Build: gcc -O2 -o loadclient loadclient.c
+ *
+ * permessage-deflate (RFC 7692, -z FRACTION): the chosen connections offer the
+ * extension in the upgrade.  Frames with RSV1 set are counted on every
+ * connection; only sampled connections inflate them (raw inflate of the payload
+ * plus 00 00 ff ff) before looking for "seq" and "ts", so the client's cost per
+ * frame stays one header parse everywhere else.
+ *
+ * Upgrade path (-P PATH, or -T FILE with one path per connection): e.g.
+ * "/?token=<JWT>" for a gateway that authenticates at the upgrade.
+ *
+ * Build: gcc -O2 -o loadclient loadclient.c -lz
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -33,6 +43,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #define MAX_SYMS 8
 #define SYM_LEN 24
@@ -54,6 +65,9 @@ typedef struct {
     uint8_t fin;
     uint8_t collect;     /* keep payload bytes of the current frame */
     uint8_t msg_opcode;  /* opcode of the first frame of a fragmented message */
+    uint8_t msg_rsv1;    /* RSV1 of the message's first frame: payload is deflated */
+    uint8_t offer;       /* offers permessage-deflate in the upgrade */
+    uint8_t deflate;     /* the server agreed to permessage-deflate */
     uint64_t remain;     /* payload bytes still to come for the current frame */
     /* collected payload (handshake replies, sampled data, fragmented messages) */
     char *acc;
@@ -65,6 +79,7 @@ typedef struct {
     uint32_t http_len;
     uint64_t got;        /* data messages received after subscribing */
     uint64_t expected;
+    const char *path;    /* request target of the upgrade (NULL: opt_path) */
     char sym[MAX_SYMS][SYM_LEN];
     int64_t lastseq[MAX_SYMS];
 } conn_t;
@@ -82,6 +97,9 @@ static int opt_inflight = 128;
 static int opt_hold = 0;
 static int opt_grace_ms = 0;
 static const char *opt_counts_out = NULL;
+static double opt_deflate = 0;     /* fraction of connections offering permessage-deflate */
+static const char *opt_path = "/";
+static const char *opt_paths_file = NULL;
 
 /* ---- global state ------------------------------------------------------ */
 static conn_t *conns;
@@ -93,12 +111,16 @@ static uint64_t n_ready, n_failed, n_retries, n_sub_errors, n_http_errors, n_ser
 static uint64_t n_closed_active, n_pings;
 static uint64_t sampled_frames, seq_gaps, seq_dups, wrong_symbol, parse_errors;
 static uint64_t reads, bytes_in;
+/* permessage-deflate: data messages received while ACTIVE, with RSV1 and on
+ * connections that negotiated it; frame bytes (header + payload) of each kind;
+ * protocol faults (RSV bits where none may be) and inflate failures. */
+static uint64_t compressed_frames, deflate_conn_frames, rsv_errors, ext_errors;
+static uint64_t inflated_frames, inflated_in_bytes, inflated_out_bytes, inflate_errors;
+static uint64_t wire_bytes_compressed, wire_bytes_plain;
 static int64_t t_ready_ns, t_first_ns, t_last_ns, t_skip_until_ns;
 static int ready_printed;
 static double cpu_at_ready_s;
 static struct sockaddr_in dst;
-static char http_req[512];
-static int http_req_len;
 static uint32_t mask_state = 0x9e3779b9u;
 
 /* latency histogram: 64 linear sub-buckets per power of two of nanoseconds
@@ -256,6 +278,8 @@ static void start_connect(conn_t *c) {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->fd = fd;
+    c->deflate = 0;      /* negotiated anew on every attempt */
+    c->msg_rsv1 = 0;
     reset_parser(c);
     inflight++;
     int r = connect(fd, (struct sockaddr *)&dst, sizeof dst);
@@ -280,6 +304,68 @@ static void pump_connects(void) {
             break;
         }
     }
+}
+
+/* ---- permessage-deflate ----------------------------------------------- */
+
+/* Which connections offer the extension: connection i offers when the
+ * fractional part of i * (golden ratio) is below the fraction.  That spreads
+ * the chosen ones evenly and independently of the sampling stride, so with half
+ * the connections compressed the sampled ones (every K-th) are of both kinds. */
+static int offers_deflate(int i) {
+    if (opt_deflate >= 1.0) return 1;
+    if (opt_deflate <= 0.0) return 0;
+    double x = (double)i * 0.6180339887498949;
+    return x - (double)(int64_t)x < opt_deflate;
+}
+
+static z_stream zs;
+static int zs_ready;
+static uint8_t *zout;
+static size_t zout_cap;
+
+/* Inflate one compressed message into zout; returns its length or -1.
+ * Both sides agreed on no context takeover, so each message starts from an
+ * empty window and one inflater, reset per message, serves every connection
+ * (RFC 7692 7.2.2: raw deflate; the sender dropped the final 00 00 ff ff of
+ * its sync flush, the receiver appends it back). */
+static ssize_t inflate_message(const uint8_t *p, size_t n) {
+    static const uint8_t tail[4] = {0x00, 0x00, 0xff, 0xff};
+    if (!zs_ready) {
+        if (inflateInit2(&zs, -15) != Z_OK) { fprintf(stderr, "loadclient: inflateInit2\n"); exit(2); }
+        zout_cap = 64 * 1024;
+        zout = malloc(zout_cap);
+        if (!zout) die("malloc");
+        zs_ready = 1;
+    } else if (inflateReset(&zs) != Z_OK) {
+        return -1;
+    }
+    const uint8_t *part[2] = {p, tail};
+    size_t part_len[2] = {n, sizeof tail};
+    size_t have = 0;
+    for (int i = 0; i < 2; i++) {
+        zs.next_in = (Bytef *)part[i];
+        zs.avail_in = (uInt)part_len[i];
+        for (;;) {
+            if (zout_cap - have < 4096) {
+                zout_cap *= 2;
+                zout = realloc(zout, zout_cap);
+                if (!zout) die("realloc");
+            }
+            zs.next_out = zout + have;
+            zs.avail_out = (uInt)(zout_cap - have);
+            int r = inflate(&zs, Z_NO_FLUSH);
+            have = (size_t)(zs.next_out - zout);
+            if (r == Z_STREAM_END) return (ssize_t)have;   /* a final block: nothing follows */
+            if (r == Z_BUF_ERROR) break;                   /* input used up */
+            if (r != Z_OK) return -1;                      /* corrupt data */
+            if (zs.avail_in == 0 && zs.avail_out != 0) break;
+        }
+    }
+    inflated_frames++;
+    inflated_in_bytes += n;
+    inflated_out_bytes += have;
+    return (ssize_t)have;
 }
 
 /* ---- payload inspection (sampled connections only) --------------------- */
@@ -360,7 +446,11 @@ static void on_message(conn_t *c, const char *p, size_t n, int64_t now) {
             t_skip_until_ns = now + (int64_t)opt_skip_ms * 1000000LL;
         }
         t_last_ns = now;
-        if (c->sampled) inspect_sampled(c, p, n, now);
+        if (c->deflate) deflate_conn_frames++;
+        if (c->msg_rsv1) compressed_frames++;
+        /* p is NULL here only when a compressed payload failed to inflate
+         * (counted in inflate_errors): nothing to inspect. */
+        if (c->sampled && p) inspect_sampled(c, p, n, now);
         return;
     default:
         return;
@@ -404,17 +494,50 @@ static void begin_frame(conn_t *c, const uint8_t *h) {
     uint64_t len = len7;
     if (len7 == 126) len = ((uint64_t)h[2] << 8) | h[3];
     else if (len7 == 127) { len = 0; for (int i = 2; i < 10; i++) len = (len << 8) | h[i]; }
+    uint8_t rsv1 = h[0] & 0x40;
     c->fin = h[0] >> 7;
     c->opcode = h[0] & 0x0f;
     c->remain = len;
     c->ctl_len = 0;
+    /* RSV2/RSV3 are never defined here; RSV1 only on the first frame of a data
+     * message, and only where permessage-deflate was agreed (RFC 7692 6). */
+    if ((h[0] & 0x30) || (rsv1 && (c->opcode == 0 || c->opcode >= 8 || !c->deflate)))
+        rsv_errors++;
     if (c->opcode >= 8) {
         c->collect = 1;
     } else {
-        if (c->opcode != 0) { c->msg_opcode = c->opcode; c->acc_len = 0; }
+        if (c->opcode != 0) {
+            c->msg_opcode = c->opcode;
+            c->msg_rsv1 = rsv1 ? 1 : 0;
+            c->acc_len = 0;
+        }
         /* Payload bytes matter only before ACTIVE and on sampled connections. */
         c->collect = (c->state != ST_ACTIVE) || c->sampled;
+        if (c->state == ST_ACTIVE) {
+            uint64_t fb = header_len(h) + len;
+            if (c->msg_rsv1) wire_bytes_compressed += fb;
+            else wire_bytes_plain += fb;
+        }
     }
+}
+
+/* A complete message whose payload was kept: inflate it first if RSV1 said it
+ * is compressed.  A payload that does not inflate still counts as a received
+ * frame (the count is what loss is measured on) but is not inspected. */
+static void deliver(conn_t *c, const uint8_t *p, size_t n, int64_t now) {
+    if (!c->msg_rsv1) {
+        on_message(c, (const char *)p, n, now);
+        return;
+    }
+    ssize_t m = inflate_message(p, n);
+    if (m < 0) {
+        inflate_errors++;
+        if (inflate_errors <= 3) fprintf(stderr, "loadclient: inflate failed on conn %d\n", (int)(c - conns));
+        if (c->state == ST_ACTIVE) on_message(c, NULL, 0, now);
+        else { n_http_errors++; fail_setup(c); }
+        return;
+    }
+    on_message(c, (const char *)zout, (size_t)m, now);
 }
 
 /* The current frame's payload is complete; `inplace` is the whole payload when
@@ -431,10 +554,10 @@ static void end_frame(conn_t *c, const uint8_t *inplace, size_t inlen, int64_t n
     if (!c->collect) {
         on_message(c, NULL, 0, now);
     } else if (inplace && c->acc_len == 0) {
-        on_message(c, (const char *)inplace, inlen, now);
+        deliver(c, inplace, inlen, now);
     } else {
         if (inplace) acc_append(c, inplace, inlen);
-        on_message(c, c->acc, c->acc_len, now);
+        deliver(c, (const uint8_t *)c->acc, c->acc_len, now);
         c->acc_len = 0;
     }
 }
@@ -497,6 +620,24 @@ static void feed_http(conn_t *c, const uint8_t *p, size_t n, int64_t now) {
         fail_setup(c);
         return;
     }
+    /* Did the server agree to permessage-deflate?  Agreeing to an extension
+     * the client never offered fails the connection (RFC 6455 4.1). */
+    *eoh = 0;
+    const char *ext = strcasestr(c->http, "\r\nSec-WebSocket-Extensions:");
+    int agreed = 0;
+    if (ext) {
+        const char *eol = strstr(ext + 2, "\r\n");
+        size_t linelen = eol ? (size_t)(eol - ext) : strlen(ext);
+        agreed = memmem(ext, linelen, "permessage-deflate", 18) != NULL;
+    }
+    *eoh = '\r';
+    if (agreed && !c->offer) {
+        ext_errors++;
+        n_http_errors++;
+        fail_setup(c);
+        return;
+    }
+    c->deflate = (uint8_t)agreed;
     size_t used = (size_t)(eoh + 4 - c->http);
     size_t rest = c->http_len - used;
     c->state = ST_WELCOME;
@@ -510,6 +651,17 @@ static void feed_http(conn_t *c, const uint8_t *p, size_t n, int64_t now) {
 
 static uint8_t rbuf[READ_BUF];
 
+/* The upgrade request: the connection's path (a token in the query string, if
+ * any) and, where chosen, the permessage-deflate offer as browsers send it. */
+static int build_request(conn_t *c, char *buf, size_t cap) {
+    return snprintf(buf, cap,
+                    "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+                    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    "Sec-WebSocket-Version: 13\r\n%s\r\n",
+                    c->path ? c->path : opt_path, opt_host, opt_port,
+                    c->offer ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" : "");
+}
+
 static void on_event(conn_t *c, uint32_t ev) {
     if (c->state == ST_CONNECTING) {
         int err = 0;
@@ -517,7 +669,9 @@ static void on_event(conn_t *c, uint32_t ev) {
         getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el);
         if (err || (ev & (EPOLLERR | EPOLLHUP))) { fail_setup(c); return; }
         if (!(ev & EPOLLOUT)) return;
-        if (send(c->fd, http_req, http_req_len, MSG_NOSIGNAL) != http_req_len) { fail_setup(c); return; }
+        char req[4096];
+        int len = build_request(c, req, sizeof req);
+        if (send(c->fd, req, (size_t)len, MSG_NOSIGNAL) != len) { fail_setup(c); return; }
         c->state = ST_HTTP;
         struct epoll_event e = {.events = EPOLLIN, .data.ptr = c};
         epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &e);
@@ -566,9 +720,44 @@ static void load_conns(const char *path) {
             c->nsym++;
         }
         c->sampled = opt_sample > 0 && (nconns % opt_sample) == 0;
+        c->offer = (uint8_t)offers_deflate(nconns);
         nconns++;
     }
     fclose(f);
+}
+
+/* A request target must be one token of the request line: no spaces, no
+ * control characters, and (for the request buffer) not too long. */
+static int valid_path(const char *p) {
+    if (p[0] != '/' || strlen(p) > 3000) return 0;
+    for (; *p; p++)
+        if ((unsigned char)*p <= 0x20 || *p == 0x7f) return 0;
+    return 1;
+}
+
+/* -T: line i is connection i's path; fewer lines than connections repeat. */
+static void load_paths(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) die("open paths file");
+    char **lines = NULL;
+    size_t n = 0, cap = 0, len = 0;
+    char *line = NULL;
+    ssize_t r;
+    while ((r = getline(&line, &len, f)) >= 0) {
+        while (r > 0 && (line[r - 1] == '\n' || line[r - 1] == '\r')) line[--r] = 0;
+        if (!r) continue;
+        if (!valid_path(line)) { fprintf(stderr, "loadclient: bad path in %s\n", path); exit(2); }
+        if (n == cap) {
+            cap = cap ? cap * 2 : 1024;
+            lines = realloc(lines, cap * sizeof *lines);
+            if (!lines) die("realloc");
+        }
+        lines[n++] = strdup(line);
+    }
+    free(line);
+    fclose(f);
+    if (!n) { fprintf(stderr, "loadclient: empty paths file\n"); exit(2); }
+    for (int i = 0; i < nconns; i++) conns[i].path = lines[(size_t)i % n];
 }
 
 static void usage(void) {
@@ -577,7 +766,9 @@ static void usage(void) {
             "                  [-s sample_every]\n"
             "                  [-i idle_ms] [-k latency_skip_ms] [-m max_inflight_connects]\n"
             "                  [-g grace_ms] [-w (hold: no expectations, run to deadline/SIGTERM)]\n"
-            "                  [-o per_connection_counts_file]\n");
+            "                  [-o per_connection_counts_file]\n"
+            "                  [-z fraction offering permessage-deflate (0..1)]\n"
+            "                  [-P upgrade_path (default /)] [-T file: one upgrade path per connection]\n");
     exit(2);
 }
 
@@ -622,6 +813,21 @@ static void report(const char *reason, double connect_s) {
            sampled, (unsigned long long)sampled_frames, (unsigned long long)seq_gaps,
            (unsigned long long)seq_dups, (unsigned long long)wrong_symbol,
            (unsigned long long)parse_errors);
+    int deflate_conns = 0, offered = 0;
+    for (int i = 0; i < nconns; i++) {
+        deflate_conns += conns[i].deflate;
+        offered += conns[i].offer;
+    }
+    printf("\"deflate_offered\":%d,\"deflate_conns\":%d,\"compressed_frames\":%llu,"
+           "\"deflate_conn_frames\":%llu,\"rsv_errors\":%llu,\"extension_errors\":%llu,"
+           "\"inflated_frames\":%llu,\"inflated_in_bytes\":%llu,\"inflated_out_bytes\":%llu,"
+           "\"inflate_errors\":%llu,\"wire_bytes_compressed\":%llu,\"wire_bytes_plain\":%llu,",
+           offered, deflate_conns, (unsigned long long)compressed_frames,
+           (unsigned long long)deflate_conn_frames, (unsigned long long)rsv_errors,
+           (unsigned long long)ext_errors, (unsigned long long)inflated_frames,
+           (unsigned long long)inflated_in_bytes, (unsigned long long)inflated_out_bytes,
+           (unsigned long long)inflate_errors, (unsigned long long)wire_bytes_compressed,
+           (unsigned long long)wire_bytes_plain);
     printf("\"latency_us\":{\"count\":%llu,\"mean\":%.1f,\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,"
            "\"p999\":%.1f,\"max\":%.1f},",
            (unsigned long long)lat_count, lat_count ? lat_sum_ns / (double)lat_count / 1000.0 : 0.0,
@@ -647,7 +853,7 @@ static void report(const char *reason, double connect_s) {
 
 int main(int argc, char **argv) {
     int o;
-    while ((o = getopt(argc, argv, "H:p:f:d:D:s:i:k:m:g:wo:")) != -1) {
+    while ((o = getopt(argc, argv, "H:p:f:d:D:s:i:k:m:g:wo:z:P:T:")) != -1) {
         switch (o) {
         case 'H': opt_host = optarg; break;
         case 'p': opt_port = atoi(optarg); break;
@@ -661,10 +867,14 @@ int main(int argc, char **argv) {
         case 'g': opt_grace_ms = atoi(optarg); break;
         case 'w': opt_hold = 1; break;
         case 'o': opt_counts_out = optarg; break;
+        case 'z': opt_deflate = atof(optarg); break;
+        case 'P': opt_path = optarg; break;
+        case 'T': opt_paths_file = optarg; break;
         default: usage();
         }
     }
     if (!opt_port || !opt_file) usage();
+    if (!valid_path(opt_path)) { fprintf(stderr, "loadclient: bad -P path\n"); return 2; }
 
     struct sigaction sa = {.sa_handler = on_signal};
     sigaction(SIGTERM, &sa, NULL);
@@ -674,6 +884,7 @@ int main(int argc, char **argv) {
     load_conns(opt_file);
     if (!nconns) { fprintf(stderr, "loadclient: empty connection file\n"); return 2; }
     retry_q = calloc((size_t)nconns, sizeof *retry_q);
+    if (opt_paths_file) load_paths(opt_paths_file);
 
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
@@ -686,11 +897,6 @@ int main(int argc, char **argv) {
     dst.sin_family = AF_INET;
     dst.sin_port = htons((uint16_t)opt_port);
     if (inet_pton(AF_INET, opt_host, &dst.sin_addr) != 1) { fprintf(stderr, "bad host\n"); return 2; }
-    http_req_len = snprintf(http_req, sizeof http_req,
-                            "GET / HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
-                            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                            "Sec-WebSocket-Version: 13\r\n\r\n",
-                            opt_host, opt_port);
 
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0) die("epoll_create1");

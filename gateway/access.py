@@ -47,6 +47,10 @@ class AccessPolicy:
         self.origins = {o.lower().rstrip("/") for o in config.allowed_origins}
         self.proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
         self.jwt_key, self.jwt_algorithms = _jwt_key(config)
+        if self.jwt_key is not None:
+            # Imported now, not at the first upgrade: a cold import of PyJWT
+            # and cryptography holds the event loop for ~100 ms.
+            import jwt  # noqa: F401
         self.per_ip: dict[str, int] = {}
         self.per_user: dict[str, int] = {}
         self.buckets: dict[str, list[float]] = {}

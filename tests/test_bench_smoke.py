@@ -2,8 +2,10 @@
 
 Runs `bench/fanout.py --smoke` as a subprocess (its own redis-server, the C
 load client and publisher built with gcc) against the baseline gateway and,
-when the package is importable, the compiled gateway.  The numbers are not
-checked here, only that the run completes and every delivery arrived in order.
+when the package is importable, the compiled gateway, where the smoke run also
+covers the market-deflate, market-mixed and market-auth comparisons.  The
+numbers are not checked here, only that the run completes and every delivery
+arrived in order.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -60,11 +63,41 @@ def test_fanout_smoke(variant, tmp_path):
             assert r["deliveries"] == r["expected_deliveries"], (r["scenario"], report)
         assert r["ok"], (r["scenario"], r.get("problems"), report)
     assert proc.returncode == 0, report
+    if variant == "compiled":
+        _check_market_modes(results, report)
 
 
-def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+def _check_market_modes(results: list[dict], report: str) -> None:
+    """The compression and auth cases ran next to a plain market case, lost
+    nothing, kept order, and really exercised their feature."""
+    by = {r["scenario"]: r for r in results if "deliveries" in r}
+    for scen in ("market", "market-deflate", "market-mixed", "market-auth"):
+        assert scen in by, (scen, report)
+        r = by[scen]
+        assert r["missing"] == 0 and r["order_violations"] == 0, (scen, report)
+        assert r["deliveries"] == r["expected_deliveries"], (scen, report)
+        assert r["loadclient"]["sampled_frames"] > 0, (scen, report)
+    # every client compressed: every delivery an RSV1 frame, inflated where sampled
+    d = by["market-deflate"]
+    assert d["deflate_conns"] == d["clients"], report
+    assert d["compressed_frames"] == d["deliveries"], report
+    assert d["loadclient"]["inflated_frames"] == d["loadclient"]["sampled_frames"], report
+    # half compressed: both kinds among the deliveries and among the sampled
+    m = by["market-mixed"]
+    assert 0 < m["deflate_conns"] < m["clients"], report
+    assert 0 < m["compressed_frames"] < m["deliveries"], report
+    assert 0 < m["loadclient"]["inflated_frames"] < m["loadclient"]["sampled_frames"], report
+    # auth: every client got in with its token; no frame compressed
+    a = by["market-auth"]
+    assert a["connected"] == a["clients"] and a["compressed_frames"] == 0, report
+    for r in by.values():
+        lc = r["loadclient"]
+        assert lc["rsv_errors"] == 0 and lc["inflate_errors"] == 0, (r["scenario"], report)
+
+
+def _frame(opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> bytes:
     """An unmasked server frame, with the 7-, 16- or 64-bit length form."""
-    head = bytes([(0x80 if fin else 0) | opcode])
+    head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
     n = len(payload)
     if n < 126:
         head += bytes([n])
@@ -75,10 +108,23 @@ def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return head + payload
 
 
-def test_loadclient_parses_split_and_batched_frames(tmp_path):
+def _deflate(body: bytes) -> bytes:
+    """One message as permessage-deflate sends it with no context takeover:
+    raw deflate, sync-flushed, the final 00 00 ff ff dropped (RFC 7692 7.2.1)."""
+    z = zlib.compressobj(6, zlib.DEFLATED, -15)
+    out = z.compress(body) + z.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+@pytest.mark.parametrize("deflate", [False, True], ids=["plain", "deflate"])
+def test_loadclient_parses_split_and_batched_frames(tmp_path, deflate):
     """The C load client counts every message and keeps per-symbol order when
     frames arrive split at any byte, many to a read, fragmented, with pings in
-    between: a fake server sends one byte stream in uneven chunks."""
+    between: a fake server sends one byte stream in uneven chunks.  With
+    deflate, the client offers permessage-deflate and a token path, the server
+    agrees and compresses most messages (a fragmented one: RSV1 on its first
+    frame only), and the sampled connection inflates them before parsing."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import fanout
@@ -87,17 +133,23 @@ def test_loadclient_parses_split_and_batched_frames(tmp_path):
     exe = fanout.build_tools()["loadclient"]
 
     n_trades = 300
+    n_compressed = 0
     frames: list[bytes] = []
     for seq in range(1, n_trades + 1):
         sym = "AAAA" if seq % 2 else "BBBB"
         pad = b"x" * (70_000 if seq == 150 else (300 if seq % 7 == 0 else 10))
         body = (b'{"type":"trade","data":{"symbol":"%s","seq":%d,"ts":%d,"pad":"%s"},'
                 b'"timestamp":1}' % (sym.encode(), (seq + 1) // 2, time.time_ns(), pad))
+        # with deflate, every 9th message goes plain: allowed per message (RFC 7692 6)
+        compress = deflate and seq % 9 != 0
+        if compress:
+            body = _deflate(body)
+            n_compressed += 1
         if seq % 50 == 0:      # fragmented message with a ping between the parts
-            frames += [_frame(1, body[:20], fin=False), _frame(9, b"hi"),
+            frames += [_frame(1, body[:20], fin=False, rsv1=compress), _frame(9, b"hi"),
                        _frame(0, body[20:40], fin=False), _frame(0, body[40:])]
         else:
-            frames.append(_frame(1, body))
+            frames.append(_frame(1, body, rsv1=compress))
     # (bytes, pause after): every third frame goes out one byte at a time, so
     # every header form is split at every offset; the rest go out in batches.
     chunks: list[tuple[bytes, bool]] = []
@@ -118,6 +170,7 @@ def test_loadclient_parses_split_and_batched_frames(tmp_path):
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
     got_pong = threading.Event()
+    request = {}
 
     def serve():
         conn, _ = srv.accept()
@@ -127,9 +180,14 @@ def test_loadclient_parses_split_and_batched_frames(tmp_path):
             buf = b""
             while b"\r\n\r\n" not in buf:
                 buf += conn.recv(4096)
+            request["head"] = buf
+            ext = (b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; "
+                   b"client_no_context_takeover\r\n" if deflate else b"")
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\n\r\n")
-            conn.sendall(_frame(1, b'{"type":"success","message":"Connected to WebSocket Gateway"}'))
+                         b"Connection: Upgrade\r\n" + ext + b"\r\n")
+            welcome = b'{"type":"success","message":"Connected to WebSocket Gateway"}'
+            # a compressed welcome: inflated before ACTIVE too
+            conn.sendall(_frame(1, _deflate(welcome), rsv1=True) if deflate else _frame(1, welcome))
             conn.recv(4096)    # the masked subscribe frame
             conn.sendall(_frame(1, b'{"type":"success","message":"Successfully subscribed"}'))
             for c, pause in chunks:
@@ -145,8 +203,9 @@ def test_loadclient_parses_split_and_batched_frames(tmp_path):
     t.start()
     connfile = tmp_path / "conns.txt"
     connfile.write_text(f"{n_trades} AAAA BBBB\n")
+    extra = ["-z", "1", "-P", "/?token=abc.def"] if deflate else []
     proc = subprocess.run([str(exe), "-p", str(port), "-f", str(connfile), "-d", "20",
-                           "-s", "1", "-g", "100"], capture_output=True, text=True, timeout=60)
+                           "-s", "1", "-g", "100", *extra], capture_output=True, text=True, timeout=60)
     srv.close()
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.splitlines()[-1])
@@ -159,3 +218,15 @@ def test_loadclient_parses_split_and_batched_frames(tmp_path):
     assert report["pings"] == n_trades // 50, report
     assert report["latency_us"]["count"] == n_trades, report
     assert report["reads"] > n_trades, report   # the stream really came in pieces
+    head = request["head"].decode()
+    assert report["rsv_errors"] == 0 and report["inflate_errors"] == 0, report
+    assert report["compressed_frames"] == n_compressed, report
+    if deflate:
+        assert head.startswith("GET /?token=abc.def HTTP/1.1\r\n"), head
+        assert "Sec-WebSocket-Extensions: permessage-deflate" in head, head
+        assert report["deflate_conns"] == 1 and report["deflate_conn_frames"] == n_trades, report
+        assert report["inflated_frames"] == n_compressed + 1, report   # + the welcome
+    else:
+        assert head.startswith("GET / HTTP/1.1\r\n"), head
+        assert "Sec-WebSocket-Extensions" not in head, head
+        assert report["deflate_conns"] == 0 and report["inflated_frames"] == 0, report
