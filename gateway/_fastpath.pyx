@@ -421,6 +421,7 @@ cdef class ClientListener(WSListener):
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType t = frame.msg_type
+        cdef int code
         if transport.is_close_frame_sent:
             # Closing: picows still hands over whatever else was in the read
             # buffer (a flood can be megabytes); none of it gets an answer.
@@ -462,7 +463,13 @@ cdef class ClientListener(WSListener):
             self.awaiting_pong = False
         elif t == WSMsgType.CLOSE:
             # Echo the close (RFC 6455 5.5.1) and let the client close TCP.
-            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            # An empty close has no code (answer 1000); 0, 1005, 1006 and
+            # 1015 must never be on the wire (7.4.1), so they are a violation.
+            code = frame.get_close_code() if frame.payload_size else 1000
+            if code < 1000 or code in (1005, 1006, 1015):
+                transport.send_close(WSCloseCode.PROTOCOL_ERROR, b"invalid close code")
+            else:
+                transport.send_close(<WSCloseCode>code, frame.get_close_message())
             transport.disconnect()
 
     cdef bint _check_frag_size(self) except -1:

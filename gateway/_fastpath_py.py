@@ -127,7 +127,11 @@ class ClientListener(WSListener):
         elif t == WSMsgType.PONG:
             self.awaiting_pong = False
         elif t == WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            code = frame.get_close_code() if frame.payload_size else 1000
+            if code < 1000 or code in (1005, 1006, 1015):
+                transport.send_close(WSCloseCode.PROTOCOL_ERROR, b"invalid close code")
+            else:
+                transport.send_close(WSCloseCode(code), frame.get_close_message())
             transport.disconnect()
 
     def _check_frag_size(self) -> bool:

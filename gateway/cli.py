@@ -44,10 +44,11 @@ def setup_logging(level: str) -> None:
         level=level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # picows logs every connect and disconnect at INFO; at thousands of
-    # clients that drowns the gateway's own lines.
+    # picows logs every connect and disconnect at INFO, and every client
+    # protocol error at ERROR: any client could fill the logs. The gateway
+    # counts and logs what matters itself; picows speaks at DEBUG only.
     if logging.getLevelName(level) > logging.DEBUG:
-        logging.getLogger("picows").setLevel(logging.WARNING)
+        logging.getLogger("picows").setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:

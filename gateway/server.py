@@ -217,6 +217,7 @@ class Gateway:
         path = request.path.split(b"?", 1)[0]
         if path in self._http_routes:
             return self._http_routes[path]()
+        _normalize_connection_header(request.headers)
         decision = self.access.admit(request, peer_ip)
         if isinstance(decision, Refusal):
             # Logged without the token or any header values.
@@ -311,6 +312,15 @@ class Gateway:
         await self.redis.stop()
         self.stats.log_now()
         log.info("stopped")
+
+
+def _normalize_connection_header(headers) -> None:
+    # RFC 7230: Connection is a token list, and Firefox sends
+    # "keep-alive, Upgrade". picows 2.3.1 accepts only the bare "Upgrade",
+    # and validates after this factory returns, so present it that way.
+    value = headers.get("Connection")
+    if value and "," in value and any(t.strip().lower() == "upgrade" for t in value.split(",")):
+        headers["Connection"] = "Upgrade"
 
 
 def _http(status: int, body: dict):

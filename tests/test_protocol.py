@@ -283,3 +283,48 @@ def test_client_message_rate_limit(aio, impl, redis_server):
             assert (await ask(ws2, {"action": "ping"}))["type"] == "pong"
             await ws2.close()
     aio(main())
+
+
+@pytest.mark.parametrize("payload,expected", [
+    (b"", 1000),                         # empty close: answered with 1000, not 0
+    (b"\x03\xe8bye", 1000),
+    (b"\x0f\xa0", 4000),                 # application code: echoed
+    (b"\x00\x00", 1002),                 # 0 never goes on the wire
+    (b"\x03\xee", 1002),                 # 1006 is reserved
+])
+def test_close_codes_from_client(aio, impl, redis_server, payload, expected):
+    from test_lifecycle import raw_upgrade
+    from test_operations import FrameReader
+
+    async def main():
+        async with running_gateway(impl, redis_server.url) as gw:
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, raw_upgrade, gw.port)
+            mask = b"\x01\x02\x03\x04"
+            s.sendall(bytes([0x88, 0x80 | len(payload)]) + mask
+                      + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+            reader = FrameReader(s)
+            while True:
+                op, data = await loop.run_in_executor(None, reader.frame)
+                if op == 0x8:
+                    break
+            assert int.from_bytes(data[:2], "big") == expected
+            s.close()
+    aio(main())
+
+
+def test_connection_header_token_list_accepted(aio, impl, redis_server):
+    import base64
+    import os
+
+    async def main():
+        async with running_gateway(impl, redis_server.url) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            key = base64.b64encode(os.urandom(16)).decode()
+            writer.write((f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          f"Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                          f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101")
+            writer.close()
+    aio(main())
