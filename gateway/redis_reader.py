@@ -202,7 +202,10 @@ class RedisSubscriber:
             cmds.append(encode_command("SELECT", str(t.db)))
         cmds.append(encode_command("PSUBSCRIBE", self.pattern))
         proto.transport.write(b"".join(cmds))
-        self._set_state(False, "subscribing")
+        if not self.reason.startswith("Redis error"):
+            # After a refusal, keep saying why until an attempt succeeds:
+            # that is what /readyz should tell an operator.
+            self._set_state(False, "subscribing")
 
     def _on_reply(self, reply) -> None:
         """Every reply that is not a trade message: confirmations, errors, pongs."""
