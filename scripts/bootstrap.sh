@@ -11,13 +11,17 @@ need_redis() {
     if command -v redis-server >/dev/null 2>&1; then
         return 0
     fi
-    echo "==> installing redis-server (apt-get)"
-    local sudo=""
-    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+    apt_install redis-server
     # The package starts a system Redis on 6379; the gateway's scripts start
     # their own on other ports and leave that one alone.
+}
+
+apt_install() {
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    echo "==> installing $* (apt-get)"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
 need_venv() {
@@ -25,6 +29,17 @@ need_venv() {
     if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
         echo "error: Python 3.11 or newer is needed (found: $("$PY" --version 2>&1))" >&2
         exit 1
+    fi
+    # The Cython fast path is compiled here: it needs a C compiler, the
+    # Python headers and venv, which a fresh Debian/Ubuntu may lack.
+    local missing=()
+    command -v gcc >/dev/null 2>&1 || missing+=(build-essential)
+    "$PY" -c 'import os, sysconfig; raise SystemExit(not os.path.exists(
+        os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
+        || missing+=(python3-dev)
+    "$PY" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt_install "${missing[@]}"
     fi
     if [ ! -x "$VENV/bin/python" ]; then
         echo "==> creating virtual environment $VENV"
