@@ -774,7 +774,8 @@ cdef class Dispatcher:
         cdef PyObject* found
         cdef list subs
         cdef ClientListener conn
-        cdef Py_ssize_t j, nsubs, plen, size, held = 0
+        cdef Py_ssize_t j, nsubs, plen, size, fsize, held = 0
+        cdef const char* fptr
         self.redis_messages += 1
         if type(payload) is not bytes or not _is_json_object(
                 <const uint8_t*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload)):
@@ -800,20 +801,16 @@ cdef class Dispatcher:
                 # negotiated permessage-deflate (server_no_context_takeover).
                 if zframe is None:
                     zframe = self._deflate_frame(size)
-                if conn.conflating:
-                    conn.conflate(channel, PyBytes_AS_STRING(zframe), PyBytes_GET_SIZE(zframe))
-                    held += 1
-                    continue
-                conn.append_frame(PyBytes_AS_STRING(zframe), PyBytes_GET_SIZE(zframe))
-                if not conn.in_batch:
-                    conn.in_batch = True
-                    self.touched.append(conn)
-                continue
+                fptr = PyBytes_AS_STRING(zframe)
+                fsize = PyBytes_GET_SIZE(zframe)
+            else:
+                fptr = self.scratch
+                fsize = size
             if conn.conflating:
-                conn.conflate(channel, self.scratch, size)
+                conn.conflate(channel, fptr, fsize)
                 held += 1
                 continue
-            conn.append_frame(self.scratch, size)
+            conn.append_frame(fptr, fsize)
             if not conn.in_batch:
                 conn.in_batch = True
                 self.touched.append(conn)

@@ -13,8 +13,6 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-import orjson
-
 
 @dataclass(slots=True)
 class Admission:
@@ -32,8 +30,8 @@ class Refusal:
     message: str
     headers: dict = field(default_factory=dict)
 
-    def body(self) -> bytes:
-        return orjson.dumps({"type": "error", "message": self.message})
+    def body(self) -> dict:
+        return {"type": "error", "message": self.message}
 
 
 class AccessPolicy:

@@ -105,13 +105,18 @@ class Gateway:
             "timestamp": now_ms(),
         }))
 
+    def _evict(self, conn, code: WSCloseCode, reason: bytes) -> None:
+        """Stop feeding ``conn`` at once and send it a close frame; the
+        caller decides how long the connection may take to go."""
+        self.table.remove_connection(conn)
+        conn.transport.send_close(code, reason)
+
     def _token_expired(self, conn) -> None:
         t = conn.transport
         if t is not None and not t.is_disconnected:
             log.info("connection %s (user %s): token expired; closing", conn.connection_id,
                      conn.user.user_id)
-            self.table.remove_connection(conn)
-            t.send_close(WSCloseCode.POLICY_VIOLATION, b"token expired")
+            self._evict(conn, WSCloseCode.POLICY_VIOLATION, b"token expired")
             t.disconnect()
 
     def on_message(self, conn, data: bytes, is_text: bool, compressed: bool = False) -> None:
@@ -158,7 +163,7 @@ class Gateway:
             self.rate_limit_closes += 1
             log.warning("connection %s (%s) keeps exceeding %g messages/s; closing",
                         conn.connection_id, _peer(conn.transport), self._rate)
-            conn.transport.send_close(WSCloseCode.POLICY_VIOLATION, b"message rate exceeded")
+            self._evict(conn, WSCloseCode.POLICY_VIOLATION, b"message rate exceeded")
             conn.transport.disconnect()
         else:
             conn.send_text(error_reply(
@@ -191,11 +196,10 @@ class Gateway:
         if t.is_close_frame_sent:
             return
         self._count_slow("disconnect")
-        self.table.remove_connection(conn)
         log.warning("slow consumer %s (%s): %d bytes queued over the %d limit; closing",
                     conn.connection_id, _peer(t), conn.write_buffer_size(),
                     self.config.max_buffered_bytes)
-        t.send_close(WSCloseCode.POLICY_VIOLATION, b"slow consumer")
+        self._evict(conn, WSCloseCode.POLICY_VIOLATION, b"slow consumer")
         asyncio.get_running_loop().call_later(SLOW_CONSUMER_GRACE, _abort, t)
 
     def _count_slow(self, action: str) -> None:
@@ -222,7 +226,7 @@ class Gateway:
         if isinstance(decision, Refusal):
             # Logged without the token or any header values.
             log.info("refused %s: %d %s", peer_ip, decision.status, decision.reason)
-            return _http_refusal(decision)
+            return _http(decision.status, decision.body(), decision.headers)
         listener = self.impl.ClientListener(self, "", decision.max_symbols or self.config.max_symbols)
         listener.user = decision
         if self.config.compression:
@@ -283,8 +287,7 @@ class Gateway:
                     self.heartbeat_timeouts += 1
                     log.info("connection %s did not answer ping within %.1f s; terminating",
                              conn.connection_id, interval)
-                    self.table.remove_connection(conn)
-                    t.send_close(WSCloseCode.GOING_AWAY, b"heartbeat timeout")
+                    self._evict(conn, WSCloseCode.GOING_AWAY, b"heartbeat timeout")
                     _abort(t)
                     continue
                 conn.awaiting_pong = True
@@ -323,19 +326,14 @@ def _normalize_connection_header(headers) -> None:
         headers["Connection"] = "Upgrade"
 
 
-def _http(status: int, body: dict):
+def _http(status: int, body: dict, extra_headers: dict | None = None):
+    """A plain HTTP answer to an upgrade request (endpoints, refusals)."""
     data = orjson.dumps(body)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(extra_headers or {})}
     if status == 200:
         response = WSUpgradeResponse.create_ok_response(data, headers)
     else:
         response = WSUpgradeResponse.create_error_response(status, data, headers)
-    return WSUpgradeResponseWithListener(response, None)
-
-
-def _http_refusal(refusal: Refusal):
-    headers = {"Content-Type": "application/json", **refusal.headers}
-    response = WSUpgradeResponse.create_error_response(refusal.status, refusal.body(), headers)
     return WSUpgradeResponseWithListener(response, None)
 
 
