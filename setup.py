@@ -1,7 +1,8 @@
 """Builds the compiled fast path (gateway/_fastpath.pyx).
 
 Everything else is declared in pyproject.toml. GATEWAY_DEBUG=1 builds with
-Cython's bounds checks and assertions on, for a debug run of the suite.
+Cython's bounds and initialisation checks on and without optimisation, for a
+debug run of the suite.
 """
 import os
 
@@ -22,7 +23,6 @@ setup(
     ext_modules=cythonize(
         extensions,
         language_level=3,
-        compile_time_env={"GATEWAY_DEBUG": debug},
         compiler_directives={
             "boundscheck": debug,
             "wraparound": False,

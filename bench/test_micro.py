@@ -90,14 +90,14 @@ def test_dispatch_batch_100_messages_500_clients(benchmark, impl):
     batch = []
     while (reply := reader.gets()) is not False:
         batch.append(reply)
-    dispatcher = impl.Dispatcher(table)
+    fanout = impl.FanOut(table)
     expected = sum(len(table.lookup(r[2])) for r in batch)
 
     def run():
         writes.clear()
-        dispatcher.dispatch(batch)
+        fanout.dispatch(batch)
     benchmark(run)
     assert len(writes) == 500                    # one write per client
-    assert dispatcher.dropped_payloads == 0
-    assert dispatcher.frames_sent == expected * (dispatcher.batches)
+    assert fanout.dropped_payloads == 0
+    assert fanout.frames_sent == expected * (fanout.batches)
     benchmark.extra_info["deliveries_per_round"] = expected

@@ -7,39 +7,25 @@ from picows.picows cimport WSListener, WSTransport
 cdef class ClientListener(WSListener):
     cdef:
         readonly WSTransport transport
-        public object control            # Python control plane (gateway.server.Gateway)
-        public str connection_id
-        public object peer               # (host, port) or None
-        public object user               # set by the control plane when auth exists
-        public int max_symbols
-        readonly list symbols            # subscribed symbols, insertion order
+        public object session            # gateway.session.Session: the control-plane state
+        readonly list symbols            # routing state: subscribed symbols, insertion order
         readonly bint paused             # picows reported the write buffer over high water
-        public bint awaiting_pong        # heartbeat: a ping is out, no pong yet
         # Slow-consumer policy "conflate": while set, trades are held here,
         # newest per channel (channel -> [frame, skipped]), not sent.
         public bint conflating
         readonly dict conflated
-        public double connected_at
-        # Control-message rate limit (token bucket, kept by the control plane)
-        public double tokens
-        public double tokens_at
-        public int strikes
         # Outbound batch: every trade frame one Redis read produces for this
-        # client is appended here and leaves in one write (see Dispatcher.flush).
+        # client is appended here and leaves in one write (FanOut.flush).
         char* out
         Py_ssize_t out_len
         Py_ssize_t out_cap
         bint in_batch
-        # Reassembly of fragmented client messages (control plane, rare).
-        object frag
-        int frag_type
-        bint frag_compressed
+        # A fragmented client message being reassembled (gateway.frames).
+        public object frag
         # permessage-deflate was negotiated: trades go out compressed
         public bint deflate
         object _sink                     # frames go here when there is no transport (tests)
 
-    cdef bint _check_frag_size(self) except -1
-    cdef _fail(self, int code, str reason)
     cdef int conflate(self, object channel, const char* frame, Py_ssize_t size) except -1
     cdef int append_frame(self, const char* frame, Py_ssize_t size) except -1
     cdef int flush(self, Py_ssize_t max_buffered) except -1
@@ -60,17 +46,15 @@ cdef class SymbolTable:
     cpdef list lookup(self, bytes channel)
 
 
-cdef class Dispatcher:
+cdef class FanOut:
     cdef:
         readonly SymbolTable table
-        object reader                    # hiredis.Reader
-        public object reply_callback     # non-pmessage replies go to Python
         list touched                     # clients with frames pending this batch
         char* scratch
         Py_ssize_t scratch_cap
         public Py_ssize_t max_buffered
         public object slow_consumer_callback
-        # Counters (read by gateway.stats)
+        # Counters (read by gateway.stats at log and scrape time)
         readonly uint64_t redis_messages
         readonly uint64_t frames_sent
         readonly uint64_t bytes_sent
@@ -85,9 +69,18 @@ cdef class Dispatcher:
         uint64_t latency_counts[14]      # N_BUCKETS + 1 (+Inf)
         int64_t latency_sum_ns
 
-    cdef int _handle(self, object reply, const char* ts, Py_ssize_t tslen) except -1
-    cdef int _route(self, list msg, const char* ts, Py_ssize_t tslen) except -1
+    cdef int route(self, object channel, object payload, const char* ts, Py_ssize_t tslen) except -1
+    cdef int flush(self) except -1
+    cdef void observe(self, int64_t elapsed_ns) noexcept
     cdef bytes _deflate_frame(self, Py_ssize_t size)
     cdef int _grow_scratch(self, Py_ssize_t size) except -1
-    cdef int _flush(self) except -1
-    cdef void _observe(self, int64_t elapsed_ns) noexcept
+
+
+cdef class SubscriptionReader:
+    cdef:
+        readonly FanOut fanout
+        object reader                    # hiredis.Reader, one per Redis connection
+        public object reply_callback     # every reply that is not a trade message
+        readonly uint64_t messages       # trade messages read on this connection
+
+    cdef int _handle(self, object reply, const char* ts, Py_ssize_t tslen) except -1

@@ -1,13 +1,16 @@
 # cython: language_level=3
 """The gateway's hot path, compiled.
 
-RESP bytes from Redis go in (``Dispatcher.feed``); WebSocket frames come out,
-one write per client per Redis read. Everything here is per message or per
-delivery; everything per connection-lifetime or per control message lives in
-Python (gateway.server, gateway.control).
+RESP bytes from one Redis connection go into its ``SubscriptionReader``;
+trade messages are routed by the process-wide ``FanOut`` to the subscribed
+``ClientListener`` objects and leave as WebSocket frames, one write per
+client per Redis read. Everything here is per message or per delivery;
+everything per connection lifetime or per control message lives in Python
+(gateway.session, gateway.control, gateway.frames).
 
-The pure-Python twin, gateway._fastpath_py, has the same interface and is the
-oracle the tests hold this module to. Change both together.
+The pure-Python twin, gateway._fastpath_py, has the same public surface
+(gateway/_fastpath.pyi; tests/test_fastpath_contract.py holds the two to it)
+and is the oracle the tests hold this module to. Change both together.
 """
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
@@ -21,12 +24,17 @@ from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
-from picows.picows cimport MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
+
+from gateway._picows_adapter cimport fast_write, release_handshake_state
 
 import logging
 import zlib
 
 import hiredis
+
+from gateway import frames as _frames
+from gateway.protocol import TRADE_HEAD, TRADE_MID, TRADE_TAIL
 
 _log = logging.getLogger("gateway.fastpath")
 _Z_FULL_FLUSH = zlib.Z_FULL_FLUSH
@@ -38,28 +46,32 @@ cdef extern from "Python.h":
 
 IS_COMPILED = True
 
-# The trade envelope around a published payload: HEAD + payload + MID + ms + TAIL.
-cdef bytes _HEAD = b'{"type":"trade","data":'
-cdef bytes _MID = b',"timestamp":'
+# The trade envelope (gateway.protocol): HEAD + payload + MID + ms + TAIL.
+cdef bytes _HEAD = TRADE_HEAD
+cdef bytes _MID = TRADE_MID
+cdef bytes _TAIL = TRADE_TAIL
 cdef Py_ssize_t _HEAD_LEN = len(_HEAD)
 cdef Py_ssize_t _MID_LEN = len(_MID)
+cdef Py_ssize_t _TAIL_LEN = len(_TAIL)
 
-# Same nesting limit as orjson, so the twin (which uses orjson) and this
-# validator accept the same payloads.
-DEF MAX_DEPTH = 1024
-# Feeding hiredis one huge buffer is quadratic (../NOTES: 5.4 s for 100k
-# messages at once, 25 ms in 64 KiB pieces).
-DEF FEED_CHUNK = 65536
-# A client's batch buffer larger than this is released after its write, so a
-# burst does not pin memory on an otherwise quiet connection.
-DEF OUT_KEEP = 65536
+cdef enum:
+    # Same nesting limit as orjson, so the twin (which uses orjson) and this
+    # validator accept the same payloads.
+    MAX_DEPTH = 1024
+    # Feeding hiredis one huge buffer is quadratic (5.4 s for 100k messages
+    # at once, 25 ms in 64 KiB pieces).
+    FEED_CHUNK = 65536
+    # A client's batch buffer larger than this is released after its write,
+    # so a burst does not pin memory on an otherwise quiet connection.
+    OUT_KEEP = 65536
+    # Fan-out latency histogram: N_BUCKETS bounds, then +Inf.
+    N_BUCKETS = 13
 
-
-# Fan-out latency histogram bounds (ns): 10 us .. 100 ms, then +Inf.
-DEF N_BUCKETS = 13
+# Bounds in ns: 10 us .. 100 ms.
 cdef int64_t[13] _BUCKET_NS = [10000, 25000, 50000, 100000, 250000, 500000, 1000000,
                                2500000, 5000000, 10000000, 25000000, 50000000, 100000000]
 LATENCY_BUCKETS = tuple(b / 1e9 for b in _BUCKET_NS)
+FEED_CHUNK_SIZE = FEED_CHUNK
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -332,13 +344,13 @@ cdef inline void _write_header(uint8_t* h, Py_ssize_t body) noexcept nogil:
 
 
 cdef inline Py_ssize_t _trade_frame_size(Py_ssize_t plen, Py_ssize_t tslen) noexcept nogil:
-    cdef Py_ssize_t body = _HEAD_LEN + plen + _MID_LEN + tslen + 1
+    cdef Py_ssize_t body = _HEAD_LEN + plen + _MID_LEN + tslen + _TAIL_LEN
     return _header_size(body) + body
 
 
 cdef inline void _write_trade_frame(char* out, const char* payload, Py_ssize_t plen,
                                     const char* ts, Py_ssize_t tslen) noexcept:
-    cdef Py_ssize_t body = _HEAD_LEN + plen + _MID_LEN + tslen + 1
+    cdef Py_ssize_t body = _HEAD_LEN + plen + _MID_LEN + tslen + _TAIL_LEN
     cdef Py_ssize_t h = _header_size(body)
     _write_header(<uint8_t*>out, body)
     out += h
@@ -349,7 +361,8 @@ cdef inline void _write_trade_frame(char* out, const char* payload, Py_ssize_t p
     memcpy(out, PyBytes_AS_STRING(_MID), _MID_LEN)
     out += _MID_LEN
     memcpy(out, ts, tslen)
-    out[tslen] = b"}"
+    out += tslen
+    memcpy(out, PyBytes_AS_STRING(_TAIL), _TAIL_LEN)
 
 
 cpdef bytes encode_trade_frame(bytes payload, long long timestamp_ms):
@@ -363,7 +376,7 @@ cpdef bytes encode_trade_frame(bytes payload, long long timestamp_ms):
 
 
 cpdef bytes encode_text_frame(bytes body):
-    """A server-to-client text frame around ``body`` (for tests and tools)."""
+    """A server-to-client text frame around ``body``."""
     cdef Py_ssize_t n = PyBytes_GET_SIZE(body), h = _header_size(n)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, h + n)
     _write_header(<uint8_t*>PyBytes_AS_STRING(out), n)
@@ -379,20 +392,19 @@ cpdef bytes encode_text_frame(bytes body):
 cdef class ClientListener(WSListener):
     """One WebSocket client. picows calls it without Python overhead.
 
-    Trade frames are appended to ``out`` during a dispatch and leave in one
-    write when the dispatcher flushes. Control messages (text frames) go to
-    ``control.on_message(self, data, is_text)``.
+    It holds what the fan-out touches per delivery (transport, batch buffer,
+    conflation state) and one slot for its ``session`` (gateway.session),
+    which owns everything else about the connection. Trade frames are
+    appended during a fan-out and leave in one write at its flush. A plain
+    text or binary message goes to ``session.on_message``; every rarer
+    frame (fragments, close, bad bits) to gateway.frames.
     """
 
-    def __init__(self, control=None, str connection_id="", int max_symbols=5, peer=None):
-        self.control = control
-        self.connection_id = connection_id
-        self.max_symbols = max_symbols
-        self.peer = peer
-        self.user = None
+    def __init__(self, session=None):
+        self.session = session
         self.symbols = []
         self.transport = None
-        self.sink = None
+        self._sink = None
         self.frag = None
         self.conflated = {}
 
@@ -408,85 +420,24 @@ cdef class ClientListener(WSListener):
 
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
-        # Idle connections are most connections: drop what picows keeps per
-        # connection but the gateway never reads again. The upgrade request
-        # and response (header dicts, ~1 KB) were used by the factory; the
-        # 1 KiB frame buffer only serves pings, pongs and closes here, and
-        # grows on demand.
-        transport._write_buffer = MemoryBuffer(32)
-        if self.control is not None:
-            self.control.on_connected(self)
-        transport.request = None
-        transport.response = None
+        if self.session is not None:
+            self.session.on_connected(self)
+        release_handshake_state(transport)
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType t = frame.msg_type
-        cdef int code
         if transport.is_close_frame_sent:
             # Closing: picows still hands over whatever else was in the read
             # buffer (a flood can be megabytes); none of it gets an answer.
             return
-        if frame.rsv2 or frame.rsv3 or (frame.rsv1 and not (
-                self.deflate and (t == WSMsgType.TEXT or t == WSMsgType.BINARY))):
-            # RSV1 marks a compressed message, and only where permessage-deflate
-            # was negotiated; nothing defines RSV2/RSV3 here (RFC 6455 5.2).
-            self._fail(1002, "unexpected reserved bits")
-            return
-        if t == WSMsgType.TEXT or t == WSMsgType.BINARY:
-            if frame.fin:
-                if self.frag is not None:
-                    self._fail(1002, "new message inside a fragmented one")
-                    return
-                self.control.on_message(self, frame.get_payload_as_bytes(), t == WSMsgType.TEXT,
-                                        frame.rsv1)
-            else:
-                if self.frag is not None:
-                    self._fail(1002, "new message inside a fragmented one")
-                    return
-                self.frag = bytearray(frame.get_payload_as_memoryview())
-                self.frag_type = t
-                self.frag_compressed = frame.rsv1
-                self._check_frag_size()
-        elif t == WSMsgType.CONTINUATION:
-            if self.frag is None:
-                self._fail(1002, "continuation without a message")
-                return
-            self.frag += frame.get_payload_as_memoryview()
-            if not self._check_frag_size():
-                return
-            if frame.fin:
-                data = bytes(self.frag)
-                self.frag = None
-                self.control.on_message(self, data, self.frag_type == WSMsgType.TEXT,
-                                        self.frag_compressed)
-        elif t == WSMsgType.PONG:
-            self.awaiting_pong = False
-        elif t == WSMsgType.CLOSE:
-            # Echo the close (RFC 6455 5.5.1) and let the client close TCP.
-            # An empty close has no code (answer 1000); 0, 1005, 1006 and
-            # 1015 must never be on the wire (7.4.1), so they are a violation.
-            code = frame.get_close_code() if frame.payload_size else 1000
-            if code < 1000 or code in (1005, 1006, 1015):
-                transport.send_close(WSCloseCode.PROTOCOL_ERROR, b"invalid close code")
-            else:
-                transport.send_close(<WSCloseCode>code, frame.get_close_message())
-            transport.disconnect()
-
-    cdef bint _check_frag_size(self) except -1:
-        if len(self.frag) > self.control.max_message_size:
-            self.frag = None
-            self._fail(1009, "message too big")
-            return False
-        return True
-
-    def fail(self, int code, str reason):
-        """Close with ``code`` and disconnect (control plane use)."""
-        self._fail(code, reason)
-
-    cdef _fail(self, int code, str reason):
-        self.frag = None
-        self.transport.send_close(<WSCloseCode>code, reason.encode())
-        self.transport.disconnect()
+        if ((t == WSMsgType.TEXT or t == WSMsgType.BINARY) and frame.fin and self.frag is None
+                and not frame.rsv2 and not frame.rsv3 and (self.deflate or not frame.rsv1)):
+            self.session.on_message(self, frame.get_payload_as_bytes(), t == WSMsgType.TEXT,
+                                    frame.rsv1)
+        elif t == WSMsgType.PONG and not (frame.rsv1 or frame.rsv2 or frame.rsv3):
+            self.session.on_pong()
+        else:
+            _frames.on_rare_frame(self, transport, frame)
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.conflating = False
@@ -494,18 +445,18 @@ cdef class ClientListener(WSListener):
         free(self.out)
         self.out = NULL
         self.out_len = self.out_cap = 0
-        if self.control is not None:
-            self.control.on_disconnected(self)
+        if self.session is not None:
+            self.session.on_disconnected(self)
 
     cpdef pause_writing(self):
         self.paused = True
 
     cpdef resume_writing(self):
         self.paused = False
-        if self.conflating and self.control is not None:
-            # Drained below the low-water mark: the control plane sends what
-            # was held back (gap notices + latest trades) and ends conflation.
-            self.control.on_drained(self)
+        if self.conflating and self.session is not None:
+            # Drained below the low-water mark: the session sends what was
+            # held back (gap notices + latest trades) and ends conflation.
+            self.session.on_drained(self)
 
     cdef int conflate(self, object channel, const char* frame, Py_ssize_t size) except -1:
         # Keep only the newest frame per channel; count the ones it replaces.
@@ -534,7 +485,7 @@ cdef class ClientListener(WSListener):
         cdef WSTransport t = self.transport
         if t is not None:
             if not (t.is_disconnected or t.is_close_frame_sent):
-                t._fast_write(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+                fast_write(t, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
         elif self._sink is not None:
             self._sink(frame)
 
@@ -544,6 +495,7 @@ cdef class ClientListener(WSListener):
         return self.out_len
 
     def write_buffer_size(self):
+        """Bytes the transport holds for this client, not yet taken by the kernel."""
         if self.transport is None:
             return 0
         return self.transport.underlying_transport.get_write_buffer_size()
@@ -574,9 +526,7 @@ cdef class ClientListener(WSListener):
             # A closing or closed client gets nothing more; picows' own send
             # paths check the same flags.
             if not (t.is_disconnected or t.is_close_frame_sent):
-                # picows writes straight to the socket when its transport has
-                # nothing queued, else hands the bytes to the transport.
-                t._fast_write(self.out, self.out_len)
+                fast_write(t, self.out, self.out_len)
         elif self._sink is not None:
             self._sink(PyBytes_FromStringAndSize(self.out, self.out_len))
         self.out_len = 0
@@ -598,7 +548,7 @@ cdef class ClientListener(WSListener):
 cdef class SymbolTable:
     """symbol -> subscribed clients, keyed by the full channel name.
 
-    Keying by channel bytes lets the dispatcher look up the channel object
+    Keying by channel bytes lets the fan-out look up the channel object
     hiredis already made, with no slicing or decoding per message.
     """
 
@@ -644,14 +594,16 @@ cdef class SymbolTable:
         return n
 
     def subscribers(self, str symbol):
+        """The clients holding ``symbol``, as a new list."""
         return list(self.channels.get(self.channel_for(symbol), ()))
 
     cpdef list lookup(self, bytes channel):
-        """The live subscriber list for a channel, or None (the dispatcher's lookup)."""
+        """The live subscriber list for a channel, or None (the fan-out's lookup)."""
         cdef PyObject* found = PyDict_GetItem(self.channels, channel)
         return None if found == NULL else <list>found
 
     def symbols(self):
+        """Every symbol with at least one subscriber, sorted."""
         k = len(self.prefix)
         return sorted(key[k:].decode() for key in self.channels)
 
@@ -664,7 +616,7 @@ cdef class SymbolTable:
 
 
 # ---------------------------------------------------------------------------
-# Dispatcher: RESP in, batched frames out
+# Fan-out: trade messages in, batched frames out (one per process)
 # ---------------------------------------------------------------------------
 
 cdef inline bint _is_pmessage(object reply) noexcept:
@@ -676,25 +628,22 @@ cdef inline bint _is_pmessage(object reply) noexcept:
 
 
 @cython.final
-cdef class Dispatcher:
-    """Parses the Redis subscription stream and fans trades out.
+cdef class FanOut:
+    """Routes trade messages to subscribers and writes each client's batch.
 
-    ``feed(data)`` takes whatever the socket delivered, in any split. Trade
-    messages are routed to subscribers; any other reply (subscribe
-    confirmations, errors) goes to ``reply_callback(reply)``. After each
-    feed, every client with frames pending gets them in one write; a client
-    left over ``max_buffered`` outbound bytes is passed to
-    ``slow_consumer_callback(conn)``.
+    Fed by one or more SubscriptionReader objects (one per Redis
+    connection). Each trade is validated, framed once, copied into every
+    subscriber's batch; at the end of a read, every client with frames
+    pending gets them in one write, and a client left over ``max_buffered``
+    outbound bytes is passed to ``slow_consumer_callback(conn)``.
     """
 
-    def __init__(self, SymbolTable table, reply_callback=None, Py_ssize_t max_buffered=1 << 20,
+    def __init__(self, SymbolTable table, Py_ssize_t max_buffered=1 << 20,
                  slow_consumer_callback=None):
         self.table = table
-        self.reply_callback = reply_callback
         self.max_buffered = max_buffered
         self.slow_consumer_callback = slow_consumer_callback
         self.touched = []
-        self.reader = hiredis.Reader()
         # One raw-deflate stream; a full flush after each message makes every
         # message decodable on its own, whoever received the ones before.
         self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
@@ -702,40 +651,18 @@ cdef class Dispatcher:
     def __dealloc__(self):
         free(self.scratch)
 
-    def reset(self):
-        """Forget any partial reply (call on every new Redis connection)."""
-        self.reader = hiredis.Reader()
-
-    def feed(self, data, Py_ssize_t nbytes=-1):
-        """Parse ``data[:nbytes]`` (bytes-like; all of it by default) from
-        Redis, dispatch, and flush."""
-        cdef Py_ssize_t n = len(data) if nbytes < 0 else nbytes, off = 0, k
+    def dispatch(self, list replies):
+        """Route already-parsed Redis replies (pmessages; others are ignored)
+        and flush: benchmarks and tests."""
         cdef char ts[24]
         cdef Py_ssize_t tslen = snprintf(ts, sizeof(ts), "%lld", <long long>now_ms())
-        cdef int64_t t0 = now_ns()
-        reader = self.reader
-        gets = reader.gets
         try:
-            while off < n:
-                k = n - off if n - off < FEED_CHUNK else FEED_CHUNK
-                reader.feed(data, off, k)
-                off += k
-                while True:
-                    reply = gets()
-                    if reply is False:
-                        break
-                    self._handle(reply, ts, tslen)
+            for reply in replies:
+                if _is_pmessage(reply):
+                    self.route(<object>PyList_GET_ITEM(reply, 2), <object>PyList_GET_ITEM(reply, 3),
+                               ts, tslen)
         finally:
-            self._flush()
-            self._observe(now_ns() - t0)
-
-    cdef void _observe(self, int64_t elapsed_ns) noexcept:
-        # Fan-out latency: from the Redis read to the last client write.
-        cdef int b = 0
-        while b < N_BUCKETS and elapsed_ns > _BUCKET_NS[b]:
-            b += 1
-        self.latency_counts[b] += 1
-        self.latency_sum_ns += elapsed_ns
+            self.flush()
 
     def latency_histogram(self):
         """(upper bounds in seconds, counts per bucket incl. +Inf, sum in seconds)."""
@@ -743,34 +670,15 @@ cdef class Dispatcher:
         counts = [self.latency_counts[b] for b in range(N_BUCKETS + 1)]
         return bounds, counts, self.latency_sum_ns / 1e9
 
-    cdef int _handle(self, object reply, const char* ts, Py_ssize_t tslen) except -1:
-        # A failure on one message (a bug, never bad input) is counted and
-        # logged; the stream goes on with the next message.
-        try:
-            if _is_pmessage(reply):
-                self._route(<list>reply, ts, tslen)
-            elif self.reply_callback is not None:
-                self.reply_callback(reply)
-        except Exception:
-            self.dispatch_errors += 1
-            if self.dispatch_errors <= 10 or self.dispatch_errors % 10000 == 0:
-                _log.exception("message dispatch failed (%d so far); continuing",
-                               self.dispatch_errors)
-        return 0
+    cdef void observe(self, int64_t elapsed_ns) noexcept:
+        # Fan-out latency: from the Redis read to the last client write.
+        cdef int b = 0
+        while b < N_BUCKETS and elapsed_ns > _BUCKET_NS[b]:
+            b += 1
+        self.latency_counts[b] += 1
+        self.latency_sum_ns += elapsed_ns
 
-    def dispatch(self, list replies):
-        """Route already-parsed replies and flush (benchmarks, tests)."""
-        cdef char ts[24]
-        cdef Py_ssize_t tslen = snprintf(ts, sizeof(ts), "%lld", <long long>now_ms())
-        try:
-            for reply in replies:
-                self._handle(reply, ts, tslen)
-        finally:
-            self._flush()
-
-    cdef int _route(self, list msg, const char* ts, Py_ssize_t tslen) except -1:
-        cdef object channel = <object>PyList_GET_ITEM(msg, 2)
-        cdef object payload = <object>PyList_GET_ITEM(msg, 3)
+    cdef int route(self, object channel, object payload, const char* ts, Py_ssize_t tslen) except -1:
         cdef PyObject* found
         cdef list subs
         cdef ClientListener conn
@@ -844,7 +752,7 @@ cdef class Dispatcher:
         self.scratch_cap = size
         return 0
 
-    cdef int _flush(self) except -1:
+    cdef int flush(self) except -1:
         cdef list touched = self.touched
         cdef Py_ssize_t j, n = PyList_GET_SIZE(touched)
         cdef ClientListener conn
@@ -863,4 +771,68 @@ cdef class Dispatcher:
         if slow is not None and self.slow_consumer_callback is not None:
             for conn in slow:
                 self.slow_consumer_callback(conn)
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# Subscription reader: RESP in from one Redis connection
+# ---------------------------------------------------------------------------
+
+@cython.final
+cdef class SubscriptionReader:
+    """Parses the RESP stream of one Redis subscription connection.
+
+    ``feed(data, nbytes)`` takes whatever the socket delivered, in any split.
+    Trade messages (pmessage replies) go to the shared ``fanout``; every
+    other reply (subscribe confirmations, pongs, errors) goes to
+    ``reply_callback(reply)``. The fan-out flushes at the end of each feed.
+    Make a new reader for each new connection: a partial reply must never be
+    completed by another connection's bytes. Raises hiredis.ProtocolError on
+    bytes that are not RESP; the connection is then unusable.
+    """
+
+    def __init__(self, FanOut fanout, reply_callback=None):
+        self.fanout = fanout
+        self.reply_callback = reply_callback
+        self.reader = hiredis.Reader()
+
+    def feed(self, data, Py_ssize_t nbytes=-1):
+        """Parse ``data[:nbytes]`` (bytes-like; all of it by default), route, flush."""
+        cdef Py_ssize_t n = len(data) if nbytes < 0 else nbytes, off = 0, k
+        cdef char ts[24]
+        cdef Py_ssize_t tslen = snprintf(ts, sizeof(ts), "%lld", <long long>now_ms())
+        cdef int64_t t0 = now_ns()
+        cdef FanOut fanout = self.fanout
+        reader = self.reader
+        gets = reader.gets
+        try:
+            while off < n:
+                k = n - off if n - off < FEED_CHUNK else FEED_CHUNK
+                reader.feed(data, off, k)
+                off += k
+                while True:
+                    reply = gets()
+                    if reply is False:
+                        break
+                    self._handle(reply, ts, tslen)
+        finally:
+            fanout.flush()
+            fanout.observe(now_ns() - t0)
+
+    cdef int _handle(self, object reply, const char* ts, Py_ssize_t tslen) except -1:
+        # A failure on one message (a bug, never bad input) is counted and
+        # logged; the stream goes on with the next message.
+        cdef FanOut fanout = self.fanout
+        try:
+            if _is_pmessage(reply):
+                self.messages += 1
+                fanout.route(<object>PyList_GET_ITEM(<list>reply, 2),
+                             <object>PyList_GET_ITEM(<list>reply, 3), ts, tslen)
+            elif self.reply_callback is not None:
+                self.reply_callback(reply)
+        except Exception:
+            fanout.dispatch_errors += 1
+            if fanout.dispatch_errors <= 10 or fanout.dispatch_errors % 10000 == 0:
+                _log.exception("message dispatch failed (%d so far); continuing",
+                               fanout.dispatch_errors)
         return 0

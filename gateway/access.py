@@ -13,6 +13,9 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
+from . import protocol
+from .ratelimit import TokenBucket
+
 
 @dataclass(slots=True)
 class Admission:
@@ -20,7 +23,6 @@ class Admission:
     user_id: str | None = None
     max_symbols: int | None = None     # from the token's max_symbols claim
     expires_at: float | None = None    # the token's exp (epoch seconds)
-    timer: object = None               # loop handle that closes at expiry
 
 
 @dataclass(slots=True)
@@ -31,7 +33,7 @@ class Refusal:
     headers: dict = field(default_factory=dict)
 
     def body(self) -> dict:
-        return {"type": "error", "message": self.message}
+        return protocol.refusal_body(self.message)
 
 
 class AccessPolicy:
@@ -51,7 +53,7 @@ class AccessPolicy:
             import jwt  # noqa: F401
         self.per_ip: dict[str, int] = {}
         self.per_user: dict[str, int] = {}
-        self.buckets: dict[str, list[float]] = {}
+        self.buckets: dict[str, TokenBucket] = {}
         self.refusals: dict[str, int] = {}
 
     @property
@@ -128,18 +130,12 @@ class AccessPolicy:
         if bucket is None:
             if len(self.buckets) > 10000:
                 self._prune(now)
-            bucket = self.buckets[ip] = [self.burst, now]
-        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if tokens >= 1.0:
-            bucket[0] = tokens - 1.0
-            return 0.0
-        bucket[0] = tokens
-        return (1.0 - tokens) / self.rate
+            bucket = self.buckets[ip] = TokenBucket(self.burst, now)
+        return bucket.take(self.rate, self.burst, now)
 
     def _prune(self, now: float) -> None:
         # Forget addresses whose bucket has refilled: they are as good as new.
-        full = [ip for ip, (t, at) in self.buckets.items() if t + (now - at) * self.rate >= self.burst]
+        full = [ip for ip, b in self.buckets.items() if b.full(self.rate, self.burst, now)]
         for ip in full:
             del self.buckets[ip]
 

@@ -8,20 +8,21 @@ if os.environ.get("GATEWAY_NO_EXTENSIONS", "") not in ("", "0"):
     from . import _fastpath_py as impl
 else:
     try:
-        from . import _fastpath as impl
+        from . import _fastpath as impl  # type: ignore[no-redef]
     except ImportError as exc:  # pragma: no cover - a broken build
         logging.getLogger("gateway").warning(
             "compiled fast path not available (%s); using the pure-Python twin", exc)
-        from . import _fastpath_py as impl
+        from . import _fastpath_py as impl  # type: ignore[no-redef]
 
 IS_COMPILED = impl.IS_COMPILED
 ClientListener = impl.ClientListener
 SymbolTable = impl.SymbolTable
-Dispatcher = impl.Dispatcher
+FanOut = impl.FanOut
+SubscriptionReader = impl.SubscriptionReader
 is_json_object = impl.is_json_object
 parse_symbol = impl.parse_symbol
 encode_trade_frame = impl.encode_trade_frame
 encode_text_frame = impl.encode_text_frame
 
-__all__ = ["IS_COMPILED", "ClientListener", "SymbolTable", "Dispatcher", "is_json_object",
-           "parse_symbol", "encode_trade_frame", "encode_text_frame", "impl"]
+__all__ = ["IS_COMPILED", "ClientListener", "SymbolTable", "FanOut", "SubscriptionReader",
+           "is_json_object", "parse_symbol", "encode_trade_frame", "encode_text_frame", "impl"]

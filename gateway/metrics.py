@@ -1,23 +1,26 @@
 """Prometheus metrics, read at scrape time.
 
-The hot path only bumps C counters in the Dispatcher; this collector reads
-them when /metrics is fetched, so serving metrics costs the fan-out nothing.
+The hot path only bumps C counters in the FanOut; this collector reads them
+(through gateway.counters) when /metrics is fetched, so serving metrics costs
+the fan-out nothing.
 """
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from .counters import Counters
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class GatewayCollector:
-    def __init__(self, gateway):
-        self.gateway = gateway
+    def __init__(self, counters: Counters):
+        self.counters = counters
 
     def collect(self):
-        g = self.gateway
-        d = g.dispatcher
+        c = self.counters
+        d = c.fanout
 
         def gauge(name, doc, value):
             return GaugeMetricFamily(name, doc, value=value)
@@ -25,13 +28,13 @@ class GatewayCollector:
         def counter(name, doc, value):
             return CounterMetricFamily(name, doc, value=value)
 
-        yield gauge("gateway_connections", "Open WebSocket connections", len(g.connections))
+        yield gauge("gateway_connections", "Open WebSocket connections", len(c.sessions))
         yield gauge("gateway_subscriptions", "Symbol subscriptions over all connections",
-                    g.table.subscription_count)
+                    c.table.subscription_count)
         yield gauge("gateway_symbols", "Distinct symbols with at least one subscriber",
-                    g.table.symbol_count)
-        yield gauge("gateway_redis_ready", "1 while the Redis subscription is live", int(g.redis.ready))
-        yield counter("gateway_connections_accepted", "Connections accepted", g.connections_total)
+                    c.table.symbol_count)
+        yield gauge("gateway_redis_ready", "1 while the Redis subscription is live", int(c.redis_ready))
+        yield counter("gateway_connections_accepted", "Connections accepted", c.connections_total)
         yield counter("gateway_redis_messages", "Messages received from Redis", d.redis_messages)
         yield counter("gateway_frames_sent", "Trade frames delivered to clients", d.frames_sent)
         yield counter("gateway_bytes_sent", "Trade frame bytes delivered to clients (before compression)",
@@ -39,7 +42,7 @@ class GatewayCollector:
         yield counter("gateway_compressed_messages", "Trades compressed (once each) for deflate clients",
                       d.compressed_messages)
         yield counter("gateway_writes", "Batched socket writes to clients", d.writes)
-        yield counter("gateway_client_messages", "Messages received from clients", g.client_messages)
+        yield counter("gateway_client_messages", "Messages received from clients", c.client_messages)
         yield counter("gateway_dropped_payloads", "Redis payloads dropped (not a JSON object)",
                       d.dropped_payloads)
         yield counter("gateway_unrouted_messages", "Redis messages for symbols nobody holds",
@@ -47,27 +50,27 @@ class GatewayCollector:
         yield counter("gateway_conflated_messages", "Trades held back for conflating slow consumers",
                       d.conflated_messages)
         yield counter("gateway_redis_reconnects", "Times the Redis connection was lost and retried",
-                      g.redis.reconnects)
+                      c.redis_reconnects)
         yield counter("gateway_rate_limit_closes", "Connections closed for exceeding the message rate",
-                      g.rate_limit_closes)
+                      c.rate_limit_closes)
         yield counter("gateway_heartbeat_timeouts", "Connections dropped for not answering ping",
-                      g.heartbeat_timeouts)
+                      c.heartbeat_timeouts)
 
         errors = CounterMetricFamily("gateway_errors", "Errors by kind", labels=["kind"])
-        for kind, n in sorted(g.error_counts().items()):
+        for kind, n in sorted(c.error_counts().items()):
             errors.add_metric([kind], n)
         yield errors
 
         refused = CounterMetricFamily("gateway_refused_connections", "Upgrades refused, by reason",
                                       labels=["reason"])
-        for reason, n in sorted(g.access.refusals.items()):
+        for reason, n in sorted(c.refusals.items()):
             refused.add_metric([reason], n)
         yield refused
 
         slow = CounterMetricFamily("gateway_slow_consumers", "Slow-consumer events by action",
                                    labels=["action"])
         for action in ("disconnect", "conflate"):
-            slow.add_metric([action], g.slow_consumers.get(action, 0))
+            slow.add_metric([action], c.slow_consumers.get(action, 0))
         yield slow
 
         bounds, counts, total = d.latency_histogram()
@@ -81,9 +84,9 @@ class GatewayCollector:
             buckets=buckets, sum_value=total)
 
 
-def make_registry(gateway) -> CollectorRegistry:
+def make_registry(counters: Counters) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(gateway))
+    registry.register(GatewayCollector(counters))
     return registry
 
 

@@ -1,11 +1,13 @@
 """The Redis side: one connection, one PSUBSCRIBE, reconnect forever.
 
 A plain asyncio Protocol writes AUTH/SELECT/PSUBSCRIBE and hands every byte
-it receives to the fast path's Dispatcher, which parses RESP with hiredis
-and fans out. redis-py's PubSub is ~10x slower at this and stays off the hot
-path. Redis disconnects a subscriber that lags by 32 MB, so nothing here
-waits on clients: buffer_updated returns as soon as the bytes are written or
-queued.
+it receives to its own SubscriptionReader (gateway._fastpath), which parses
+RESP with hiredis and passes trades to the process-wide FanOut. Each
+connection gets a new reader, so a reconnect never mixes two streams and
+never touches routing; several subscribers can feed one fan-out. redis-py's
+PubSub is ~10x slower at this and stays off the hot path. Redis disconnects
+a subscriber that lags by 32 MB, so nothing here waits on clients:
+buffer_updated returns as soon as the bytes are written or queued.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import logging
 import random
 import ssl
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import hiredis
 
@@ -57,6 +59,7 @@ class _SubscriptionProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, owner: "RedisSubscriber"):
         self.owner = owner
+        self.reader = owner.make_reader(owner._on_reply)
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self.buffer = bytearray(self.READ_BUFFER_SIZE)
@@ -71,7 +74,7 @@ class _SubscriptionProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes):
         try:
-            self.owner.dispatcher.feed(self.buffer, nbytes)
+            self.reader.feed(self.buffer, nbytes)
         except hiredis.ProtocolError as exc:
             log.error("Redis sent bytes that are not RESP (%s); reconnecting", exc)
             self.transport.abort()
@@ -86,20 +89,22 @@ class _SubscriptionProtocol(asyncio.BufferedProtocol):
 
 
 class RedisSubscriber:
-    """Keeps ``PSUBSCRIBE <prefix>*`` alive and feeds the dispatcher.
+    """Keeps ``PSUBSCRIBE <prefix>*`` alive and feeds the fan-out.
 
+    ``make_reader(reply_callback)`` returns a new reader for each connection
+    (``SubscriptionReader(fanout, reply_callback)``): it takes the bytes,
+    routes trades and hands every other reply back to this subscriber.
     ``ready`` is True only while the subscription is confirmed. ``reason``
     says why not, for /readyz and the logs.
     """
 
-    def __init__(self, target: RedisTarget, pattern: str, dispatcher, *,
+    def __init__(self, target: RedisTarget, pattern: str, make_reader: Callable[[Callable], Any], *,
                  keepalive_interval: float = 15.0, connect_timeout: float = 5.0,
                  backoff: Backoff | None = None,
                  on_state: Callable[[bool, str], None] | None = None):
         self.target = target
         self.pattern = pattern
-        self.dispatcher = dispatcher
-        dispatcher.reply_callback = self._on_reply
+        self.make_reader = make_reader
         self.keepalive_interval = keepalive_interval
         self.connect_timeout = connect_timeout
         self.backoff = backoff or Backoff()
@@ -191,7 +196,6 @@ class RedisSubscriber:
         self._proto = proto
         self._refused = False
         self.connects += 1
-        self.dispatcher.reset()
         self._last_reply = time.monotonic()
         cmds = []
         t = self.target

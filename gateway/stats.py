@@ -1,44 +1,21 @@
-"""Counters and the periodic statistics log line.
-
-The hot-path counters live in the Dispatcher (C integers in the compiled
-module); this module only reads them, so logging costs the fan-out nothing.
-"""
+"""The periodic statistics log line, read from gateway.counters."""
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from .counters import Counters
+
 log = logging.getLogger("gateway.stats")
 
 
 class Stats:
-    def __init__(self, gateway):
-        self.gateway = gateway
+    def __init__(self, counters: Counters, server_id: str):
+        self.counters = counters
+        self.server_id = server_id
 
     def snapshot(self) -> dict:
-        g = self.gateway
-        d = g.dispatcher
-        return {
-            "server_id": g.server_id,
-            "connections": len(g.connections),
-            "connections_total": g.connections_total,
-            "subscriptions": g.table.subscription_count,
-            "symbols": g.table.symbol_count,
-            "redis_ready": g.redis.ready,
-            "redis_reconnects": g.redis.reconnects,
-            "redis_messages": d.redis_messages,
-            "frames_sent": d.frames_sent,
-            "bytes_sent": d.bytes_sent,
-            "writes": d.writes,
-            "dropped_payloads": d.dropped_payloads,
-            "unrouted_messages": d.unrouted_messages,
-            "dispatch_errors": d.dispatch_errors,
-            "client_messages": g.client_messages,
-            "errors": sum(g.error_counts().values()),
-            "errors_by_kind": g.error_counts(),
-            "heartbeat_timeouts": g.heartbeat_timeouts,
-            "slow_consumers": sum(g.slow_consumers.values()),
-        }
+        return {"server_id": self.server_id, **self.counters.snapshot()}
 
     def log_now(self) -> None:
         s = self.snapshot()

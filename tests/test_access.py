@@ -58,7 +58,7 @@ def test_jwt_hs256_refusals_and_admission(aio, impl, redis_server, caplog):
                 status, body, _ = await refused(gw, path)
                 assert status == 401, path
                 assert body["type"] == "error" and expected in body["message"], (path, body)
-            assert not gw.connections
+            assert not gw.sessions
 
             # Allowed: query parameter or Authorization header; sub and max_symbols used.
             ws, welcome = await open_ws(gw, "/?token=" + hs256(sub="alice", max_symbols=2, exp=now + 3600))
@@ -122,7 +122,7 @@ def test_token_expiring_mid_connection_closes_1008(aio, impl, redis_server):
             with pytest.raises(websockets.ConnectionClosed) as info:
                 await asyncio.wait_for(ws.recv(), 5)
             assert info.value.rcvd.code == 1008 and info.value.rcvd.reason == "token expired"
-            await wait_until(lambda: not gw.connections and gw.table.subscription_count == 0)
+            await wait_until(lambda: not gw.sessions and gw.table.subscription_count == 0)
     aio(main())
 
 
@@ -137,7 +137,7 @@ def test_connections_per_user(aio, impl, redis_server):
             assert status == 429 and "this user" in body["message"]
             c, _ = await open_ws(gw, "/?token=" + hs256(sub="frank"))  # another user is fine
             await a.close()
-            await wait_until(lambda: len(gw.connections) == 2)
+            await wait_until(lambda: len(gw.sessions) == 2)
             d, _ = await open_ws(gw, token)  # a slot came back
             for ws in (b, c, d):
                 await ws.close()
@@ -151,7 +151,7 @@ def test_connections_per_ip(aio, impl, redis_server):
             status, body, _ = await refused(gw)
             assert status == 429 and "this address" in body["message"]
             await conns[0].close()
-            await wait_until(lambda: len(gw.connections) == 2)
+            await wait_until(lambda: len(gw.sessions) == 2)
             conns[0], _ = await open_ws(gw)
             assert (await scrape(gw.port))['gateway_refused_connections_total{reason="ip_limit"}'] == 1
             for ws in conns:

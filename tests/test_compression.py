@@ -109,7 +109,7 @@ def test_deflate_and_plain_clients_share_one_compression(aio, impl, redis_server
                 assert b0 == 0xC1
                 text = zlib.decompressobj(-15).decompress(body + b"\x00\x00\xff\xff")
                 assert text.startswith(b'{"type":"trade","data":' + p + b',"timestamp":')
-            assert gw.dispatcher.compressed_messages == len(payloads)  # once per trade, not per client
+            assert gw.fanout.compressed_messages == len(payloads)  # once per trade, not per client
             s.close()
             for ws in (z1, z2, plain):
                 await ws.close()
@@ -166,7 +166,7 @@ def test_bad_compressed_input_closes(aio, impl, redis_server, ext, frame, code):
                     break
             assert int.from_bytes(body[:2], "big") == code
             s.close()
-            await wait_until(lambda: not gw.connections)
+            await wait_until(lambda: not gw.sessions)
     aio(main())
 
 

@@ -56,7 +56,7 @@ def test_trades_go_only_to_subscribers(aio, impl, redis_server):
             await assert_silent(a)
             await assert_silent(c)
             await assert_silent(d)
-            assert gw.dispatcher.frames_sent == 3
+            assert gw.fanout.frames_sent == 3
             for ws in (a, b, c, d):
                 await ws.close()
     aio(main())
@@ -76,7 +76,7 @@ def test_bad_payloads_dropped_counted_stream_continues(aio, impl, redis_server):
             for i in range(len(bad)):
                 assert (await recv_json(ws))["data"] == {"seq": i}
             await assert_silent(ws)
-            assert gw.dispatcher.dropped_payloads == len(bad)
+            assert gw.fanout.dropped_payloads == len(bad)
             assert gw.stats.snapshot()["dropped_payloads"] == len(bad)
             await ws.close()
     aio(main())
@@ -107,9 +107,9 @@ def test_order_and_completeness_many_clients(aio, impl, redis_server):
                 return seen
             results = await asyncio.gather(*(drain(ws, s) for ws, s in zip(clients, subs)))
             assert all(v == 100 for res in results for v in res.values())
-            assert gw.dispatcher.frames_sent == 200 * 5 * 100
+            assert gw.fanout.frames_sent == 200 * 5 * 100
             # Batching: far fewer writes than frames.
-            assert gw.dispatcher.writes < gw.dispatcher.frames_sent
+            assert gw.fanout.writes < gw.fanout.frames_sent
             for ws in clients:
                 await ws.close()
     aio(main(), timeout=120)

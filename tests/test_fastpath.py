@@ -124,7 +124,8 @@ def test_compiled_module_loaded():
     if os.environ.get("GATEWAY_NO_EXTENSIONS", "") in ("", "0"):
         assert fastpath.IS_COMPILED is True, "selector fell back to the pure-Python twin"
         assert fastpath.impl is _fastpath
-        assert fastpath.Dispatcher is _fastpath.Dispatcher
+        assert fastpath.FanOut is _fastpath.FanOut
+        assert fastpath.SubscriptionReader is _fastpath.SubscriptionReader
         assert fastpath.is_json_object is _fastpath.is_json_object
 
 
@@ -414,8 +415,8 @@ def check_table(impl, table, conns) -> None:
 
 def test_symbol_table_bookkeeping(impl):
     t = impl.SymbolTable()
-    a, b, c = impl.ClientListener(connection_id="a"), impl.ClientListener(connection_id="b"), \
-        impl.ClientListener(connection_id="c")
+    a, b, c = impl.ClientListener(), impl.ClientListener(), \
+        impl.ClientListener()
     assert t.prefix == PREFIX
     assert t.subscription_count == 0 and t.symbol_count == 0 and len(t) == 0
     assert t.symbols() == [] and t.subscribers("BTC") == []
@@ -478,11 +479,11 @@ def test_symbol_table_custom_prefix(impl):
     a = impl.ClientListener()
     t.subscribe(a, "BTC")
     assert t.symbols() == ["BTC"]
-    # The dispatcher routes by the full channel name under the custom prefix.
-    d = impl.Dispatcher(t)
+    # The fan-out routes by the full channel name under the custom prefix.
+    d = impl.FanOut(t)
     sink: list[bytes] = []
     a.sink = sink.append
-    d.feed(pmessage(b"md.t.BTC", b'{"p":1}', b"md.t.*") + pmessage(b"channel:trade:BTC", b'{"p":2}'))
+    impl.SubscriptionReader(d).feed(pmessage(b"md.t.BTC", b'{"p":1}', b"md.t.*") + pmessage(b"channel:trade:BTC", b'{"p":2}'))
     assert [split_trade(b)[0] for w in sink for b in text_bodies(w)] == [b'{"p":1}']
     assert d.unrouted_messages == 1
 
@@ -490,7 +491,7 @@ def test_symbol_table_custom_prefix(impl):
 def test_symbol_table_random_cycles_end_empty(impl):
     rng = random.Random(20240611)
     t = impl.SymbolTable()
-    conns = [impl.ClientListener(connection_id=str(i)) for i in range(8)]
+    conns = [impl.ClientListener() for i in range(8)]
     symbols = [f"S{i}" for i in range(12)]
     model: dict[int, set[str]] = {i: set() for i in range(len(conns))}
     for step in range(6000):
@@ -521,22 +522,24 @@ def test_symbol_table_random_cycles_end_empty(impl):
 
 
 # ---------------------------------------------------------------------------
-# Dispatcher
+# Subscription reader + fan-out
 # ---------------------------------------------------------------------------
 
 class Rig:
-    """A table, a dispatcher and sink-backed clients, all from one implementation."""
+    """A table, a fan-out, a reader and sink-backed clients, all from one implementation."""
 
     def __init__(self, impl, subscriptions: dict[str, list[str]], prefix: bytes = PREFIX,
                  with_callback: bool = True):
         self.table = impl.SymbolTable(prefix)
         self.replies: list = []
-        self.dispatcher = impl.Dispatcher(self.table,
-                                          reply_callback=self.replies.append if with_callback else None)
+        self.impl = impl
+        self.fanout = impl.FanOut(self.table)
+        self.reader = impl.SubscriptionReader(
+            self.fanout, self.replies.append if with_callback else None)
         self.conns = {}
         self.sinks: dict[str, list[bytes]] = {}
         for name, symbols in subscriptions.items():
-            conn = impl.ClientListener(connection_id=name)
+            conn = impl.ClientListener()
             sink: list[bytes] = []
             conn.sink = sink.append
             for s in symbols:
@@ -546,13 +549,17 @@ class Rig:
 
     def feed(self, *chunks: bytes) -> None:
         for chunk in chunks:
-            self.dispatcher.feed(chunk)
+            self.reader.feed(chunk)
+
+    def reconnect(self) -> None:
+        """A new Redis connection: a new reader, the same fan-out."""
+        self.reader = self.impl.SubscriptionReader(self.fanout, self.reader.reply_callback)
 
     def payloads(self, name: str) -> list[bytes]:
         return [split_trade(b)[0] for w in self.sinks[name] for b in text_bodies(w)]
 
     def counters(self) -> dict[str, int]:
-        d = self.dispatcher
+        d = self.fanout
         return {k: getattr(d, k) for k in ("redis_messages", "frames_sent", "bytes_sent", "writes",
                                            "dropped_payloads", "unrouted_messages", "batches")}
 
@@ -647,7 +654,7 @@ def test_dispatch_drops_bad_payloads(impl, bad):
     rig.feed(pmessage(ch("BTC"), P2))
     assert rig.payloads("a") == [P1, P2]
     assert len(rig.sinks["a"]) == 2
-    assert rig.dispatcher.dropped_payloads == 3 and rig.dispatcher.redis_messages == 5
+    assert rig.fanout.dropped_payloads == 3 and rig.fanout.redis_messages == 5
 
 
 @pytest.mark.parametrize("raw_payload", [
@@ -661,7 +668,7 @@ def test_dispatch_drops_non_string_payloads(impl, raw_payload):
     head = b"*4\r\n" + bulk(b"pmessage") + bulk(PATTERN) + bulk(ch("BTC"))
     rig.feed(head + raw_payload + pmessage(ch("BTC"), P1))
     assert rig.payloads("a") == [P1]
-    assert rig.dispatcher.dropped_payloads == 1 and rig.dispatcher.redis_messages == 2
+    assert rig.fanout.dropped_payloads == 1 and rig.fanout.redis_messages == 2
 
 
 def test_dispatch_payload_as_status_string(impl):
@@ -676,11 +683,11 @@ def test_dispatch_unrouted(impl):
     rig.feed(pmessage(ch("ETH"), P1) + pmessage(b"other:BTC", P1) + pmessage(ch("btc"), P1)
              + pmessage(ch("BTC"), P2))
     assert rig.payloads("a") == [P2]
-    assert rig.dispatcher.unrouted_messages == 3 and rig.dispatcher.redis_messages == 4
-    assert rig.dispatcher.frames_sent == 1
+    assert rig.fanout.unrouted_messages == 3 and rig.fanout.redis_messages == 4
+    assert rig.fanout.frames_sent == 1
     # Invalid payload on an unrouted channel counts as dropped (validation comes first).
     rig.feed(pmessage(ch("ETH"), b"[]"))
-    assert rig.dispatcher.dropped_payloads == 1 and rig.dispatcher.unrouted_messages == 3
+    assert rig.fanout.dropped_payloads == 1 and rig.fanout.unrouted_messages == 3
 
 
 def test_dispatch_after_unsubscribe(impl):
@@ -690,7 +697,7 @@ def test_dispatch_after_unsubscribe(impl):
     assert rig.sinks["a"] == [] and rig.payloads("b") == [P1]
     rig.table.remove_connection(rig.conns["b"])
     rig.feed(pmessage(ch("BTC"), P2))
-    assert rig.payloads("b") == [P1] and rig.dispatcher.unrouted_messages == 1
+    assert rig.payloads("b") == [P1] and rig.fanout.unrouted_messages == 1
 
 
 def test_dispatch_array_channel_does_not_raise(impl):
@@ -699,7 +706,7 @@ def test_dispatch_array_channel_does_not_raise(impl):
     head = b"*4\r\n" + bulk(b"pmessage") + bulk(PATTERN)
     rig.feed(head + b"*0\r\n" + bulk(P1) + head + b":5\r\n" + bulk(P1) + pmessage(ch("BTC"), P2))
     assert rig.payloads("a") == [P2]
-    assert rig.dispatcher.unrouted_messages == 2
+    assert rig.fanout.unrouted_messages == 2
 
 
 def test_dispatch_non_pmessage_replies(impl):
@@ -718,7 +725,7 @@ def test_dispatch_non_pmessage_replies(impl):
     assert r[2:] == [b"OK", [b"message", ch("BTC"), P1],
                      [b"pmessagE", PATTERN, ch("BTC"), P1],
                      [b"pmessage", PATTERN, ch("BTC"), P1, b"x"], 7, None, None]
-    assert rig.dispatcher.redis_messages == 2 and rig.dispatcher.frames_sent == 2
+    assert rig.fanout.redis_messages == 2 and rig.fanout.frames_sent == 2
 
 
 def test_dispatch_without_reply_callback(impl):
@@ -732,7 +739,7 @@ def test_dispatch_reply_callback_sees_replies_in_order_with_routing(impl):
     # (the flush happens once, after the whole read).
     seen = []
     rig = Rig(impl, {"a": ["BTC"]})
-    rig.dispatcher.reply_callback = lambda r: seen.append((r, len(rig.sinks["a"])))
+    rig.reader.reply_callback = lambda r: seen.append((r, len(rig.sinks["a"])))
     rig.feed(pmessage(ch("BTC"), P1) + b"+A\r\n" + pmessage(ch("BTC"), P2) + b"+B\r\n")
     assert seen == [(b"A", 0), (b"B", 0)]
     assert rig.payloads("a") == [P1, P2] and len(rig.sinks["a"]) == 1
@@ -743,11 +750,11 @@ def test_dispatch_failure_on_one_message_is_counted_and_stream_goes_on(impl, cap
 
     def explode(reply):
         raise RuntimeError("bug in a reply handler")
-    rig.dispatcher.reply_callback = explode
+    rig.reader.reply_callback = explode
     with caplog.at_level("ERROR", logger="gateway.fastpath"):
         rig.feed(pmessage(ch("BTC"), P1) + b"+OK\r\n" + pmessage(ch("BTC"), P2))
     assert rig.payloads("a") == [P1, P2]
-    assert rig.dispatcher.dispatch_errors == 1
+    assert rig.fanout.dispatch_errors == 1
     assert "message dispatch failed" in caplog.text
 
 
@@ -756,7 +763,7 @@ def test_dispatch_protocol_error_raises_and_flushes(impl):
     with pytest.raises(hiredis.ProtocolError):
         rig.feed(pmessage(ch("BTC"), P1) + b"?garbage\r\n")
     assert rig.payloads("a") == [P1]       # what was parsed before the error still leaves
-    rig.dispatcher.reset()
+    rig.reconnect()
     rig.feed(pmessage(ch("BTC"), P2))
     assert rig.payloads("a") == [P1, P2]
 
@@ -765,18 +772,19 @@ def test_dispatch_reset_forgets_partial_reply(impl):
     rig = Rig(impl, {"a": ["BTC"]})
     whole = pmessage(ch("BTC"), P1)
     rig.feed(whole[:17])
-    rig.dispatcher.reset()
+    rig.reconnect()
     rig.feed(pmessage(ch("BTC"), P2))
     assert rig.payloads("a") == [P2]
 
 
 def test_dispatch_method_with_parsed_replies(impl):
     rig = Rig(impl, {"a": ["BTC"]})
-    rig.dispatcher.dispatch([[b"pmessage", PATTERN, ch("BTC"), P1], b"OK",
-                             [b"pmessage", PATTERN, ch("BTC"), b"[]"],
-                             [b"pmessage", PATTERN, ch("BTC"), P2]])
+    rig.fanout.dispatch([[b"pmessage", PATTERN, ch("BTC"), P1], b"OK",
+                         [b"pmessage", PATTERN, ch("BTC"), b"[]"],
+                         [b"pmessage", PATTERN, ch("BTC"), P2]])
     assert rig.payloads("a") == [P1, P2] and len(rig.sinks["a"]) == 1
-    assert rig.replies == [b"OK"] and rig.dispatcher.dropped_payloads == 1
+    # The fan-out only routes; other replies belong to a reader's callback.
+    assert rig.replies == [] and rig.fanout.dropped_payloads == 1
 
 
 SPLIT_SUBS = {"a": ["BTC", "ETH"], "b": ["BTC"], "c": ["ETH", "日本"], "d": []}
@@ -864,7 +872,7 @@ def test_dispatch_one_feed_larger_than_64k(impl):
     rig.feed(stream)
     assert len(rig.sinks["a"]) == 1 and len(rig.sinks["b"]) == 1
     assert rig.payloads("a") == want_a and rig.payloads("b") == want_b
-    assert rig.dispatcher.redis_messages == 3001 and rig.dispatcher.frames_sent == 3001
+    assert rig.fanout.redis_messages == 3001 and rig.fanout.frames_sent == 3001
     # Same stream as a memoryview and a bytearray (feed takes any bytes-like object).
     for data in (memoryview(stream), bytearray(stream)):
         rig2 = Rig(impl, {"a": ["BTC"], "b": ["ETH"]})
@@ -901,12 +909,13 @@ def test_dispatch_exponent_payload(impl):
     good = [b'{"px":1e5}', b'{"px":1.5E-3}', b'{"q":' + b"1" * 305 + b"}"]
     rig.feed(b"".join(pmessage(ch("BTC"), p) for p in good + [b'{"px":1e999}']) + pmessage(ch("BTC"), P1))
     assert rig.payloads("a") == good + [P1]
-    assert rig.dispatcher.dropped_payloads == 1
+    assert rig.fanout.dropped_payloads == 1
 
 
 def test_client_listener_defaults_and_send_text(impl):
-    conn = impl.ClientListener(connection_id="x", max_symbols=7, peer=("127.0.0.1", 1))
-    assert conn.connection_id == "x" and conn.max_symbols == 7 and conn.peer == ("127.0.0.1", 1)
+    session = object()
+    conn = impl.ClientListener(session)
+    assert conn.session is session and impl.ClientListener().session is None
     assert conn.symbols == [] and conn.transport is None and conn.sink is None
     assert conn.pending == 0 and conn.write_buffer_size() == 0
     conn.send_text(b"dropped: no transport and no sink")
@@ -926,7 +935,7 @@ def test_dispatch_deflate_clients_same_bytes_in_both_implementations():
         rig = Rig(mod, {"z": ["BTC"], "p": ["BTC"]})
         rig.conns["z"].deflate = True
         rig.feed(pmessage(ch("BTC"), P1) + pmessage(ch("BTC"), P2))
-        assert rig.dispatcher.compressed_messages == 2
+        assert rig.fanout.compressed_messages == 2
         assert rig.payloads("p") == [P1, P2]
         frames = parse_frames(b"".join(rig.sinks["z"]), rsv=0x40)
         bodies = []

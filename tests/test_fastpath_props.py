@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import _fastpath_py as P
-from gateway.control import SYMBOL_RE, ControlHandler
+from gateway.control import ControlHandler
+from gateway.protocol import SYMBOL_RE
 
 try:
     from gateway import _fastpath as C
@@ -252,7 +253,7 @@ def table_state(table, conns):
 @given(st.sampled_from([b"channel:trade:", b"x.", b""]), table_ops)
 def test_symbol_table_agrees_with_model(prefix, ops):
     tables = {m: m.SymbolTable(prefix) for m in (C, P)}
-    conns = {m: [m.ClientListener(connection_id=str(i)) for i in range(4)] for m in (C, P)}
+    conns = {m: [m.ClientListener() for i in range(4)] for m in (C, P)}
     model: dict[int, set[str]] = {i: set() for i in range(4)}
     for op, i, s in ops:
         results = {}
@@ -289,7 +290,7 @@ def test_symbol_table_agrees_with_model(prefix, ops):
 
 
 # ---------------------------------------------------------------------------
-# (e) Dispatcher: random RESP streams, random splits
+# (e) SubscriptionReader + FanOut: random RESP streams, random splits
 # ---------------------------------------------------------------------------
 
 DISPATCH_SYMBOLS = ["BTC", "ETH", "SOL", "日本"]
@@ -361,7 +362,8 @@ def parse_text_frames(buf: bytes) -> list[bytes]:
 def run_dispatch(m, subs, chunks):
     table = m.SymbolTable()
     replies: list = []
-    d = m.Dispatcher(table, reply_callback=replies.append)
+    d = m.FanOut(table)
+    reader = m.SubscriptionReader(d, replies.append)
     sinks: list[list[bytes]] = []
     for symbols in subs:
         conn = m.ClientListener()
@@ -371,7 +373,7 @@ def run_dispatch(m, subs, chunks):
         for s in symbols:
             table.subscribe(conn, s)
     for chunk in chunks:
-        d.feed(chunk)
+        reader.feed(chunk)
     writes = [[[TS_TAIL.sub(b'"timestamp":0}', body) for body in parse_text_frames(w)] for w in sink]
               for sink in sinks]
     counters = {k: getattr(d, k) for k in ("redis_messages", "frames_sent", "bytes_sent", "writes",
@@ -427,10 +429,10 @@ control_ops = st.lists(st.tuples(st.integers(0, 2), control_messages, st.sampled
                                  st.integers(0, 12)), min_size=1, max_size=30)
 
 
-def check_control_state(table, conns) -> None:
+def check_control_state(table, conns, limits) -> None:
     union: dict[str, int] = {}
-    for conn in conns:
-        assert len(conn.symbols) <= conn.max_symbols
+    for conn, limit in zip(conns, limits):
+        assert len(conn.symbols) <= limit
         assert len(set(conn.symbols)) == len(conn.symbols)
         for s in conn.symbols:
             assert SYMBOL_RE.fullmatch(s) and s == s.upper() and s.isascii(), s
@@ -452,11 +454,11 @@ def check_control_state(table, conns) -> None:
 def test_control_handler_never_raises_and_keeps_table_consistent(impl, limits, ops):
     table = impl.SymbolTable()
     handler = ControlHandler(table, clock=lambda: 1234)
-    conns = [impl.ClientListener(connection_id=str(i), max_symbols=limits[i]) for i in range(3)]
+    conns = [impl.ClientListener() for i in range(3)]
     for i, data, is_text, disconnect in ops:
         conn = conns[i]
         before = list(conn.symbols)
-        reply = handler.handle(conn, data, is_text)
+        reply = handler.handle(conn, data, is_text, limits[i])
         assert type(reply) is bytes
         msg = orjson.loads(reply)
         assert type(msg) is dict and msg["type"] in ("success", "error", "pong")
@@ -470,12 +472,12 @@ def test_control_handler_never_raises_and_keeps_table_consistent(impl, limits, o
             assert conn.symbols == before       # errors and pongs change nothing
             if msg["type"] == "error":
                 assert isinstance(msg["message"], str) and msg["message"]
-        check_control_state(table, conns)
+        check_control_state(table, conns, limits)
         if disconnect == 12:
             had = len(conn.symbols)
             assert table.remove_connection(conn) == had
             assert conn.symbols == []
-            check_control_state(table, conns)
+            check_control_state(table, conns, limits)
     for conn in conns:
         table.remove_connection(conn)
     assert len(table) == 0 and table.subscription_count == 0
@@ -490,7 +492,7 @@ def test_control_handler_deeply_nested_values(impl, depth, where):
             else b'{"action":"subscribe","symbols":[' + nested + b"]}")
     assert type(orjson.loads(data)) is dict
     table = impl.SymbolTable()
-    conn = impl.ClientListener(max_symbols=5)
-    reply = orjson.loads(ControlHandler(table).handle(conn, data))
+    conn = impl.ClientListener()
+    reply = orjson.loads(ControlHandler(table).handle(conn, data, True, 5))
     assert reply["type"] == "error"
     assert conn.symbols == [] and len(table) == 0

@@ -64,11 +64,11 @@ def test_heartbeat_keeps_answering_clients_drops_silent_ones(aio, impl, redis_se
             silent = await loop.run_in_executor(None, raw_upgrade, gw.port)
             silent.sendall(masked_text(b'{"action":"subscribe","symbols":["HB"]}'))
             await wait_until(lambda: gw.table.subscription_count == 2)
-            await wait_until(lambda: len(gw.connections) == 1, timeout=3)
-            assert gw.heartbeat_timeouts == 1
+            await wait_until(lambda: len(gw.sessions) == 1, timeout=3)
+            assert gw.counters.heartbeat_timeouts == 1
             assert gw.table.subscribers("HB") and gw.table.subscription_count == 1
             await asyncio.sleep(0.6)  # three more heartbeats
-            assert len(gw.connections) == 1
+            assert len(gw.sessions) == 1
             await good.send('{"action":"ping"}')
             assert orjson.loads(await good.recv())["type"] == "pong"
             # The silent one saw pings, then the connection end.
@@ -98,9 +98,9 @@ def test_connect_subscribe_disconnect_churn_leaves_table_empty(aio, impl, redis_
                     ws.transport.abort()
             for start in range(0, 2000, 50):
                 await asyncio.gather(*(cycle(i) for i in range(start, start + 50)))
-            await wait_until(lambda: not gw.connections and gw.table.subscription_count == 0, 10)
+            await wait_until(lambda: not gw.sessions and gw.table.subscription_count == 0, 10)
             assert len(gw.table) == 0 and gw.table.symbols() == []
-            assert gw.connections_total == 2000
+            assert gw.counters.connections_total == 2000
     aio(main(), timeout=180)
 
 
@@ -130,8 +130,8 @@ def test_slow_consumer_is_disconnected_others_unaffected(aio, impl, redis_server
                 msg = orjson.loads(await asyncio.wait_for(healthy.recv(), 10))
                 assert msg["data"]["seq"] == n
             await pub
-            assert gw.slow_consumers == {"disconnect": 1}
-            await wait_until(lambda: len(gw.connections) == 1, timeout=5)
+            assert gw.counters.slow_consumers == {"disconnect": 1}
+            await wait_until(lambda: len(gw.sessions) == 1, timeout=5)
             assert gw.table.subscription_count == 1
             stalled.close()
             await healthy.close()
@@ -156,7 +156,7 @@ def test_redis_restart_clients_stay_delivery_resumes(aio, impl, own_redis):
             assert gw.redis.reconnects >= 1
             assert own_redis.client().publish("channel:trade:RR", b'{"n":2}') == 1
             assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["data"] == {"n": 2}
-            assert len(gw.connections) == 1
+            assert len(gw.sessions) == 1
             await ws.close()
     aio(main())
 

@@ -63,7 +63,7 @@ def test_health_ready_metrics_endpoints(aio, impl, redis_server):
             r.publish("channel:trade:MET", b'{"n":1}')
             r.publish("channel:trade:MET", b"bad payload")
             await ws.recv()
-            await wait_until(lambda: gw.dispatcher.dropped_payloads == 1)
+            await wait_until(lambda: gw.fanout.dropped_payloads == 1)
             m = await scrape(gw.port)
             assert m["gateway_connections"] == 1
             assert m["gateway_subscriptions"] == 2
@@ -205,8 +205,8 @@ def test_slow_consumer_conflation_reports_exact_gaps(aio, impl, redis_server):
                 d = orjson.loads(await asyncio.wait_for(healthy.recv(), 10))["data"]
                 assert d["seq"] == seen[d["s"]] + 1  # the healthy client misses nothing
                 seen[d["s"]] = d["seq"]
-            assert gw.slow_consumers.get("conflate", 0) >= 1
-            assert gw.dispatcher.conflated_messages > 0
+            assert gw.counters.slow_consumers.get("conflate", 0) >= 1
+            assert gw.fanout.conflated_messages > 0
             m = await scrape(gw.port)
             assert m['gateway_slow_consumers_total{action="conflate"}'] >= 1
 
@@ -240,7 +240,7 @@ def test_slow_consumer_conflation_reports_exact_gaps(aio, impl, redis_server):
                     tail_published = True
                     await loop.run_in_executor(None, publish, total, total + 20)
             assert sum(gaps.values()) >= 1
-            assert not gw.connections or all(not c.conflating for c in gw.connections)
+            assert not gw.sessions or all(not s.listener.conflating for s in gw.sessions)
             slow.close()
             await healthy.close()
     aio(main(), timeout=120)
@@ -263,8 +263,8 @@ def test_control_reply_flood_without_reading_is_a_slow_consumer(aio, impl, redis
                 except OSError:
                     pass
             await loop.run_in_executor(None, flood)
-            await wait_until(lambda: gw.slow_consumers.get("disconnect") == 1, 10)
-            await wait_until(lambda: not gw.connections, 5)
+            await wait_until(lambda: gw.counters.slow_consumers.get("disconnect") == 1, 10)
+            await wait_until(lambda: not gw.sessions, 5)
             flooder.close()
     aio(main())
 
@@ -297,7 +297,7 @@ def test_client_vanishing_mid_write(aio, impl, redis_server):
             await loop.run_in_executor(None, publish, 3000, 6000)
             for n in range(6000):
                 assert orjson.loads(await asyncio.wait_for(healthy.recv(), 10))["data"]["seq"] == n
-            await wait_until(lambda: len(gw.connections) == 1 and gw.table.subscription_count == 1)
+            await wait_until(lambda: len(gw.sessions) == 1 and gw.table.subscription_count == 1)
             await healthy.close()
     aio(main(), timeout=120)
 
@@ -313,8 +313,8 @@ def test_half_open_clients_are_reaped(aio, impl, redis_server):
                 s.sendall(masked_text(b'{"action":"subscribe","symbols":["GHOST"]}'))
                 ghosts.append(s)  # never reads, never answers a ping, never closes
             await wait_until(lambda: gw.table.subscription_count == 30)
-            await wait_until(lambda: not gw.connections and gw.table.subscription_count == 0, 5)
-            assert gw.heartbeat_timeouts == 30
+            await wait_until(lambda: not gw.sessions and gw.table.subscription_count == 0, 5)
+            assert gw.counters.heartbeat_timeouts == 30
             assert (await scrape(gw.port))["gateway_heartbeat_timeouts_total"] == 30
             for s in ghosts:
                 s.close()

@@ -173,7 +173,7 @@ def test_message_over_limit_closes_1009(aio, impl, redis_server):
             with pytest.raises(websockets.ConnectionClosed) as info:
                 await asyncio.wait_for(ws.recv(), 5)
             assert info.value.rcvd.code == 1009
-            await wait_until(lambda: not gw.connections)
+            await wait_until(lambda: not gw.sessions)
     aio(main())
 
 
@@ -215,7 +215,7 @@ def test_client_close_handshake(aio, impl, redis_server):
             await ask(ws, {"action": "subscribe", "symbols": ["AAPL"]})
             await ws.close(1000, "bye")
             assert ws.close_code == 1000  # the gateway echoed the close frame
-            await wait_until(lambda: gw.table.subscription_count == 0 and not gw.connections)
+            await wait_until(lambda: gw.table.subscription_count == 0 and not gw.sessions)
     aio(main())
 
 
@@ -249,7 +249,7 @@ def test_raw_socket_protocol_errors(aio, impl, redis_server):
                 s.close()
                 # The welcome, then a close frame with 1002 (protocol error).
                 assert b"\x88" in data and b"\x03\xea" in data, data[-40:]
-            await wait_until(lambda: not gw.connections)
+            await wait_until(lambda: not gw.sessions)
             # The gateway still serves.
             ws, welcome = await connect(gw)
             assert welcome["type"] == "success"
@@ -277,7 +277,7 @@ def test_client_message_rate_limit(aio, impl, redis_server):
                     await asyncio.wait_for(ws.recv(), 5)
             assert info.value.rcvd.code == 1008
             assert info.value.rcvd.reason == "message rate exceeded"
-            assert gw.rate_limit_closes == 1
+            assert gw.counters.rate_limit_closes == 1
             # Other connections are unaffected.
             ws2, _ = await connect(gw)
             assert (await ask(ws2, {"action": "ping"}))["type"] == "pong"
