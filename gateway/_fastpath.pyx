@@ -1,4 +1,4 @@
-# cython: language_level=3
+# cython: language_level=3, auto_pickle=False, autotestdict=False
 """The gateway's hot path, compiled.
 
 RESP bytes from one Redis connection go into its ``SubscriptionReader``;
@@ -34,7 +34,7 @@ import zlib
 import hiredis
 
 from gateway import frames as _frames
-from gateway.protocol import TRADE_HEAD, TRADE_MID, TRADE_TAIL
+from gateway import protocol as _protocol
 
 _log = logging.getLogger("gateway.fastpath")
 _Z_FULL_FLUSH = zlib.Z_FULL_FLUSH
@@ -47,9 +47,9 @@ cdef extern from "Python.h":
 IS_COMPILED = True
 
 # The trade envelope (gateway.protocol): HEAD + payload + MID + ms + TAIL.
-cdef bytes _HEAD = TRADE_HEAD
-cdef bytes _MID = TRADE_MID
-cdef bytes _TAIL = TRADE_TAIL
+cdef bytes _HEAD = _protocol.TRADE_HEAD
+cdef bytes _MID = _protocol.TRADE_MID
+cdef bytes _TAIL = _protocol.TRADE_TAIL
 cdef Py_ssize_t _HEAD_LEN = len(_HEAD)
 cdef Py_ssize_t _MID_LEN = len(_MID)
 cdef Py_ssize_t _TAIL_LEN = len(_TAIL)

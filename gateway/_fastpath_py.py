@@ -254,19 +254,27 @@ def _is_pmessage(reply) -> bool:
     return type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage"
 
 
-_FANOUT_COUNTERS = ("redis_messages", "frames_sent", "bytes_sent", "writes", "dropped_payloads",
-                    "unrouted_messages", "batches", "dispatch_errors", "conflated_messages",
-                    "compressed_messages")
-
-
 class FanOut:
     """Routes trade messages to subscribers and writes each client's batch;
     see gateway._fastpath.FanOut."""
 
     __slots__ = ("_table", "max_buffered", "slow_consumer_callback", "_touched", "_compressor",
-                 "_latency_counts", "_latency_sum_ns", *("_" + c for c in _FANOUT_COUNTERS))
+                 "_latency_counts", "_latency_sum_ns", "_redis_messages", "_frames_sent",
+                 "_bytes_sent", "_writes", "_dropped_payloads", "_unrouted_messages", "_batches",
+                 "_dispatch_errors", "_conflated_messages", "_compressed_messages")
 
+    # Read-only from outside, as in the compiled module.
     table = property(attrgetter("_table"))
+    redis_messages = property(attrgetter("_redis_messages"))
+    frames_sent = property(attrgetter("_frames_sent"))
+    bytes_sent = property(attrgetter("_bytes_sent"))
+    writes = property(attrgetter("_writes"))
+    dropped_payloads = property(attrgetter("_dropped_payloads"))
+    unrouted_messages = property(attrgetter("_unrouted_messages"))
+    batches = property(attrgetter("_batches"))
+    dispatch_errors = property(attrgetter("_dispatch_errors"))
+    conflated_messages = property(attrgetter("_conflated_messages"))
+    compressed_messages = property(attrgetter("_compressed_messages"))
 
     def __init__(self, table: SymbolTable, max_buffered: int = 1 << 20,
                  slow_consumer_callback: Callable[[ClientListener], Any] | None = None):
@@ -277,8 +285,9 @@ class FanOut:
         self._compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
         self._latency_counts = [0] * (len(_BUCKET_NS) + 1)
         self._latency_sum_ns = 0
-        for name in _FANOUT_COUNTERS:
-            setattr(self, "_" + name, 0)
+        self._redis_messages = self._frames_sent = self._bytes_sent = self._writes = 0
+        self._dropped_payloads = self._unrouted_messages = self._batches = 0
+        self._dispatch_errors = self._conflated_messages = self._compressed_messages = 0
 
     def dispatch(self, replies: list) -> None:
         """Route already-parsed Redis replies (pmessages; others are ignored)
@@ -349,11 +358,6 @@ class FanOut:
         if slow and self.slow_consumer_callback is not None:
             for conn in slow:
                 self.slow_consumer_callback(conn)
-
-
-for _name in _FANOUT_COUNTERS:
-    setattr(FanOut, _name, property(attrgetter("_" + _name)))
-del _name
 
 
 class SubscriptionReader:

@@ -63,7 +63,9 @@ class AccessPolicy:
     # --- the upgrade decision ---------------------------------------------------
     def admit(self, request, peer_ip: str) -> Admission | Refusal:
         headers = request.headers
-        ip = self.client_ip(peer_ip, headers.get("X-Forwarded-For"))
+        # A proxy may add its own header line rather than extend the client's:
+        # every line, in order, is one list of hops.
+        ip = self.client_ip(peer_ip, ",".join(headers.getall("X-Forwarded-For", ())) or None)
         if self.origins:
             origin = headers.get("Origin")
             # Browsers always send Origin; a client without one is not a
@@ -85,7 +87,8 @@ class AccessPolicy:
             refused = self._authenticate(request, admission)
             if refused is not None:
                 return refused
-            if self.max_per_user and self.per_user.get(admission.user_id, 0) >= self.max_per_user:
+            user = admission.user_id
+            if self.max_per_user and user is not None and self.per_user.get(user, 0) >= self.max_per_user:
                 return self._refuse(429, "user_limit",
                                     f"Too many connections for this user (limit {self.max_per_user})")
         return admission

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from .config import SETTINGS, Config, ConfigError
 
@@ -15,7 +16,7 @@ EXIT_CONFIG = 2
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print usage too
+    def error(self, message: str) -> NoReturn:  # argparse would print usage too
         print(f"ws-gateway: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
 

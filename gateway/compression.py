@@ -46,14 +46,19 @@ def _acceptable(offer: str) -> bool:
         if key == "server_max_window_bits":
             # We compress with a 32 KiB window; a client that can only take
             # less gets plain frames rather than a second compressor.
-            if not value.isdigit() or int(value) != 15:
+            if not _digits(value) or int(value) != 15:
                 return False
         elif key == "client_max_window_bits":
-            if value and (not value.isdigit() or not 8 <= int(value) <= 15):
+            if value and (not _digits(value) or not 8 <= int(value) <= 15):
                 return False
         elif value:
             return False
     return True
+
+
+def _digits(value: str) -> bool:
+    # str.isdigit() also takes superscripts that int() refuses.
+    return value.isascii() and value.isdigit()
 
 
 def inflate(data: bytes, limit: int) -> bytes:

@@ -12,7 +12,7 @@ import logging
 import os
 import urllib.parse
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 
 class ConfigError(ValueError):
@@ -51,7 +51,8 @@ def parse_redis_url(url: str) -> RedisTarget:
             raise ConfigError(f"REDIS_URL has no host: {_redact(url)!r}")
         path = parts.path.lstrip("/")
         db_text = path or db_text
-        target = dict(host=parts.hostname, port=port or 6379, tls=parts.scheme == "rediss")
+        target: dict[str, Any] = dict(host=parts.hostname, port=port or 6379,
+                                      tls=parts.scheme == "rediss")
     elif parts.scheme == "unix":
         if not parts.path:
             raise ConfigError(f"REDIS_URL has no socket path: {_redact(url)!r}")
@@ -61,7 +62,7 @@ def parse_redis_url(url: str) -> RedisTarget:
             f"REDIS_URL must start with redis://, rediss:// or unix://, got {_redact(url)!r}")
     db = 0
     if db_text:
-        if not db_text.isdigit():
+        if not (db_text.isascii() and db_text.isdigit()):
             raise ConfigError(f"REDIS_URL database must be a number, got {db_text!r}")
         db = int(db_text)
     # A password alone (redis://:pw@host) is the classic AUTH form; a user
@@ -311,7 +312,7 @@ class Config:
     def from_sources(cls, env: Mapping[str, str], overrides: Mapping[str, str | None] | None = None
                      ) -> "Config":
         """Build from environment variables, with CLI values (text) taking precedence."""
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         overrides = overrides or {}
         for s in SETTINGS:
             given = overrides.get(s.field)

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import picows
 from picows import WSAutoPingStrategy
-from picows.picows import WSProtocol
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in picows' stub
 
 PICOWS_VERSION = "2.3.1"
 
@@ -41,7 +41,7 @@ def peer_ip(proto) -> str:
     return peer[0] if isinstance(peer, tuple) else "local"
 
 
-async def create_server(make_listener: Callable[[object, str], object], host: str, port: int, *,
+async def create_server(make_listener: Callable[[Any, str], Any], host: str, port: int, *,
                         ssl=None, max_frame_size: int, read_buffer_init_size: int,
                         handshake_timeout: float = 5.0) -> asyncio.Server:
     """``make_listener(request, peer_ip)`` returns what a picows factory may return."""

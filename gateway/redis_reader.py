@@ -56,17 +56,17 @@ class _SubscriptionProtocol(asyncio.BufferedProtocol):
     # read size: under load one read then carries more messages, and each
     # client gets more frames per write (the per-write cost is mostly kernel).
     READ_BUFFER_SIZE = 1 << 20
+    transport: asyncio.Transport    # set by connection_made, before anything else runs
 
     def __init__(self, owner: "RedisSubscriber"):
         self.owner = owner
         self.reader = owner.make_reader(owner._on_reply)
-        self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self.buffer = bytearray(self.READ_BUFFER_SIZE)
         self.view = memoryview(self.buffer)
 
     def connection_made(self, transport):
-        self.transport = transport
+        self.transport = transport  # an asyncio.Transport for a stream connection
         self.owner._on_connected(self)
 
     def get_buffer(self, sizehint):
@@ -126,7 +126,7 @@ class RedisSubscriber:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._proto is not None and self._proto.transport is not None:
+        if self._proto is not None:
             self._proto.transport.close()
         if self._task is not None:
             self._task.cancel()
@@ -148,7 +148,7 @@ class RedisSubscriber:
             else:
                 keepalive = loop.create_task(self._keepalive(proto))
                 try:
-                    exc = await proto.closed
+                    lost = await proto.closed
                 finally:
                     keepalive.cancel()
                     self._proto = None
@@ -162,7 +162,7 @@ class RedisSubscriber:
                     was = self.reason
                     self._set_state(False, "connection to Redis lost")
                     log.warning("Redis connection lost (%s); clients stay connected, reconnecting",
-                                exc or was)
+                                lost or was)
             delay = self.backoff.next_delay()
             log.info("next Redis connection attempt in %.2f s", delay)
             await asyncio.sleep(delay)
@@ -225,7 +225,7 @@ class RedisSubscriber:
             else:
                 log.error("Redis replied with an error: %s", text)
             self._set_state(False, f"Redis error: {text}")
-            if self._proto is not None and self._proto.transport is not None:
+            if self._proto is not None:
                 self._proto.transport.close()
             return
         if isinstance(reply, list) and reply:

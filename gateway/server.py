@@ -15,6 +15,7 @@ import secrets
 import signal
 import sys
 import time
+from typing import Any
 
 from picows import WSCloseCode, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
@@ -70,7 +71,7 @@ class Gateway:
         return self.hub.closing
 
     # listener factory -------------------------------------------------------
-    def _listener_factory(self, request: WSUpgradeRequest, peer_ip: str):
+    def _listener_factory(self, request: WSUpgradeRequest, peer_ip: str) -> Any:
         path = request.path.split(b"?", 1)[0]
         answer = self.endpoints.answer(path)
         if answer is not None:
@@ -163,14 +164,19 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> None:
     """Run until SIGTERM or SIGINT."""
     gateway = Gateway(config)
     loop = asyncio.get_running_loop()
-    stop = loop.create_future()
+    stop: asyncio.Future[int] = loop.create_future()
+
+    def on_signal(sig: int) -> None:
+        if not stop.done():
+            stop.set_result(sig)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
+        loop.add_signal_handler(sig, on_signal, sig)
     await gateway.start()
     if ready is not None:
         ready.set_result(gateway)
-    sig = await stop
-    log.info("received %s", signal.Signals(sig).name)
+    received = await stop
+    log.info("received %s", signal.Signals(received).name)
     await gateway.stop()
 
 

@@ -1,0 +1,123 @@
+"""The Redis subscriber's reply handling without sockets: the commands it
+sends on connect, and the state it reaches for each reply, fed as RESP bytes
+through a real SubscriptionReader of each fast-path implementation."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from gateway.config import parse_redis_url
+from gateway.redis_reader import Backoff, RedisSubscriber, encode_command
+
+PATTERN = "channel:trade:*"
+
+
+class Recorder:
+    def __init__(self):
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Proto:
+    """The part of the subscription protocol the subscriber drives."""
+
+    def __init__(self, reader):
+        self.transport = Recorder()
+        self.reader = reader
+
+
+def connected(impl, url="redis://127.0.0.1:6390"):
+    """A subscriber that has just connected, and the fan-out its reader feeds."""
+    table = impl.SymbolTable()
+    fanout = impl.FanOut(table)
+    states: list[tuple[bool, str]] = []
+    sub = RedisSubscriber(parse_redis_url(url), PATTERN,
+                          lambda on_reply: impl.SubscriptionReader(fanout, on_reply),
+                          backoff=Backoff(), on_state=lambda r, why: states.append((r, why)))
+    proto = Proto(sub.make_reader(sub._on_reply))
+    sub._on_connected(proto)
+    return sub, proto, fanout, states
+
+
+def resp_array(*items: bytes | int) -> bytes:
+    out = [b"*%d\r\n" % len(items)]
+    for item in items:
+        out.append(b":%d\r\n" % item if isinstance(item, int) else b"$%d\r\n%s\r\n" % (len(item), item))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("url, commands", [
+    ("redis://h:1", [("PSUBSCRIBE", PATTERN)]),
+    ("redis://:s3cret@h:1/2", [("AUTH", "s3cret"), ("SELECT", "2"), ("PSUBSCRIBE", PATTERN)]),
+    ("redis://gw:pw@h:1", [("AUTH", "gw", "pw"), ("PSUBSCRIBE", PATTERN)]),
+])
+def test_commands_on_connect(impl, url, commands):
+    sub, proto, _, _ = connected(impl, url)
+    assert proto.transport.written == [b"".join(encode_command(*c) for c in commands)]
+    assert not sub.ready and sub.reason == "subscribing" and sub.connects == 1
+
+
+def test_confirmation_makes_it_ready_and_resets_backoff(impl):
+    sub, proto, _, states = connected(impl)
+    sub.backoff.next_delay()
+    sub.backoff.next_delay()
+    proto.reader.feed(b"+OK\r\n" + resp_array(b"psubscribe", PATTERN.encode(), 1))
+    assert sub.ready and sub.reason == "subscribed" and sub.subscribed_at is not None
+    assert sub.backoff.attempt == 0 and states == [(True, "subscribed")]
+    proto.reader.feed(resp_array(b"pong", b""))          # keepalive answers change nothing
+    assert sub.ready
+    proto.reader.feed(resp_array(b"punsubscribe", PATTERN.encode(), 0))
+    assert not sub.ready and states[-1] == (False, "unsubscribed")
+
+
+@pytest.mark.parametrize("error, operator_hint", [
+    (b"-WRONGPASS invalid username-password pair or user is disabled.\r\n", True),
+    (b"-NOAUTH Authentication required.\r\n", True),
+    (b"-NOPERM this user has no permissions to access one of the channels\r\n", True),
+    (b"-ERR unknown command\r\n", False),
+])
+def test_refusal_closes_and_stays_the_reason(impl, caplog, error, operator_hint):
+    sub, proto, _, _ = connected(impl)
+    with caplog.at_level(logging.ERROR, logger="gateway.redis"):
+        # The pipelined commands after a refusal fail too; only the first counts.
+        proto.reader.feed(error + b"-NOAUTH Authentication required.\r\n")
+    text = error[1:-2].decode()
+    assert not sub.ready and sub.reason == f"Redis error: {text}" and proto.transport.closed
+    assert ("check the user, password" in caplog.text) is operator_hint
+    assert len(caplog.records) == 1
+    # The next connection keeps that reason until Redis confirms a subscription.
+    proto2 = Proto(sub.make_reader(sub._on_reply))
+    sub._on_connected(proto2)
+    assert sub.reason == f"Redis error: {text}"
+    proto2.reader.feed(resp_array(b"psubscribe", PATTERN.encode(), 1))
+    assert sub.ready
+
+
+def test_trades_go_to_the_fanout_not_the_subscriber(impl):
+    sub, proto, fanout, states = connected(impl)
+    conn = impl.ClientListener()
+    frames: list[bytes] = []
+    conn.sink = frames.append
+    fanout.table.subscribe(conn, "AAPL")
+    proto.reader.feed(resp_array(b"psubscribe", PATTERN.encode(), 1)
+                      + resp_array(b"pmessage", PATTERN.encode(), b"channel:trade:AAPL", b'{"p":1}'))
+    assert len(frames) == 1 and fanout.frames_sent == 1 and proto.reader.messages == 1
+    assert states == [(True, "subscribed")]
+
+
+def test_a_new_connection_gets_a_new_reader(impl):
+    """A reply cut off by a dropped connection is never completed by the next one."""
+    sub, proto, fanout, _ = connected(impl)
+    whole = resp_array(b"pmessage", PATTERN.encode(), b"channel:trade:AAPL", b'{"p":1}')
+    proto.reader.feed(whole[:20])
+    proto2 = Proto(sub.make_reader(sub._on_reply))
+    assert proto2.reader is not proto.reader and proto2.reader.fanout is fanout
+    proto2.reader.feed(whole)
+    assert fanout.redis_messages == 1
