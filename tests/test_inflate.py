@@ -187,7 +187,7 @@ def test_bomb_in_a_final_block_is_1009():
     assert exc.value.code == 1009
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.binary(max_size=4096), level=st.integers(0, 9),
        wbits=st.integers(9, 15), final=st.booleans(), slack=st.integers(0, 64))
 def test_round_trip_property(data, level, wbits, final, slack):
@@ -199,7 +199,7 @@ def test_round_trip_property(data, level, wbits, final, slack):
         assert exc.value.code == 1009
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.binary(max_size=512), limit=st.integers(0, 2048))
 def test_arbitrary_bytes_never_escape_as_other_errors(data, limit):
     try:
