@@ -83,9 +83,9 @@ def test_int_bounds(field):
 
 
 @pytest.mark.parametrize("field", INT_BOUNDS)
-@pytest.mark.parametrize("text", ["", "abc", "1.5", "1e3", "0x10", "5 5", "--1"])
-def test_int_bad_text(field, text):
-    assert f"must be a whole number, got {text!r}" in refused(field, text)
+def test_int_bad_text(field):
+    for text in ["", "abc", "1.5", "1e3", "0x10", "5 5", "--1"]:
+        assert f"must be a whole number, got {text!r}" in refused(field, text)
 
 
 # --- float settings ----------------------------------------------------------------
@@ -115,15 +115,15 @@ def test_float_bounds(field):
 
 
 @pytest.mark.parametrize("field", FLOAT_LOWER)
-@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "Infinity", "-1"])
-def test_float_non_finite_or_negative(field, text):
-    assert "must be at least" in refused(field, text)
+def test_float_non_finite_or_negative(field):
+    for text in ["nan", "inf", "-inf", "Infinity", "-1"]:
+        assert f"must be at least {FLOAT_LOWER[field]}, got {text!r}" in refused(field, text)
 
 
 @pytest.mark.parametrize("field", FLOAT_LOWER)
-@pytest.mark.parametrize("text", ["", "soon", "1s", "1,5"])
-def test_float_bad_text(field, text):
-    assert f"must be a number of seconds, got {text!r}" in refused(field, text)
+def test_float_bad_text(field):
+    for text in ["", "soon", "1s", "1,5"]:
+        assert f"must be a number of seconds, got {text!r}" in refused(field, text)
 
 
 # --- the other converters --------------------------------------------------------------
