@@ -499,10 +499,6 @@ def test_main_argparse_errors_exit_2_in_one_line(clean_env, capsys, argv):
     one_error_line(capsys)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "parse_redis_url checks the database with str.isdigit(), which accepts digits int() "
-    "rejects (e.g. '²'): int() raises a bare ValueError, so main() dies with a traceback "
-    "instead of exit 2"))
 def test_main_redis_db_with_non_ascii_digit_exits_2(clean_env, capsys):
     assert cli.main(["--redis-url", "redis://h/²"]) == 2
     assert "database must be a number" in one_error_line(capsys)
