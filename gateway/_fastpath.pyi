@@ -5,7 +5,8 @@ tests/test_fastpath_contract.py fails when either differs from it (names,
 parameters, which attributes are read-only), and mypy's stubtest checks it
 against the compiled module.
 """
-from typing import Any, Callable, final
+from collections.abc import Callable
+from typing import Any, final
 
 from picows import WSFrame, WSListener, WSTransport
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Callable
 from operator import attrgetter
-from typing import Any, Callable
+from typing import Any
 
 import hiredis
 import orjson
@@ -106,7 +107,7 @@ class ClientListener(WSListener):
         t = frame.msg_type
         if transport.is_close_frame_sent:
             return
-        if ((t == _TEXT or t == _BINARY) and frame.fin and self.frag is None
+        if ((t in (_TEXT, _BINARY)) and frame.fin and self.frag is None
                 and not frame.rsv2 and not frame.rsv3 and (self.deflate or not frame.rsv1)):
             self.session.on_message(self, frame.get_payload_as_bytes(), t == _TEXT, bool(frame.rsv1))
         elif t == _PONG and not (frame.rsv1 or frame.rsv2 or frame.rsv3):

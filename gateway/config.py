@@ -11,8 +11,9 @@ import ipaddress
 import logging
 import os
 import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -310,7 +311,7 @@ class Config:
 
     @classmethod
     def from_sources(cls, env: Mapping[str, str], overrides: Mapping[str, str | None] | None = None
-                     ) -> "Config":
+                     ) -> Config:
         """Build from environment variables, with CLI values (text) taking precedence."""
         values: dict[str, Any] = {}
         overrides = overrides or {}
@@ -325,7 +326,7 @@ class Config:
         return cls(**values)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "Config":
+    def from_env(cls, env: Mapping[str, str]) -> Config:
         return cls.from_sources(env)
 
     @property

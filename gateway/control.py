@@ -8,7 +8,7 @@ and spells the reply.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from . import protocol
 from .protocol import ClientError

@@ -6,7 +6,7 @@ answered with a plain HTTP response and no WebSocket session.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import orjson
 from picows import WSUpgradeResponse, WSUpgradeResponseWithListener

@@ -40,11 +40,11 @@ def fail(conn, code: int, reason: str) -> None:
 def on_rare_frame(conn, transport, frame) -> None:
     """Handle any frame the listener's common path passed over."""
     t = frame.msg_type
-    if frame.rsv2 or frame.rsv3 or (frame.rsv1 and not (conn.deflate and (t == _TEXT or t == _BINARY))):
+    if frame.rsv2 or frame.rsv3 or (frame.rsv1 and not (conn.deflate and (t in (_TEXT, _BINARY)))):
         # RSV1 marks a compressed message, and only where permessage-deflate
         # was negotiated; nothing defines RSV2/RSV3 here (RFC 6455 5.2).
         fail(conn, 1002, "unexpected reserved bits")
-    elif t == _TEXT or t == _BINARY:
+    elif t in (_TEXT, _BINARY):
         if conn.frag is not None:
             fail(conn, 1002, "new message inside a fragmented one")
         elif frame.fin:

@@ -75,7 +75,7 @@ class GatewayCollector:
 
         bounds, counts, total = d.latency_histogram()
         buckets, running = [], 0
-        for le, n in zip([*map(repr, bounds), "+Inf"], counts):
+        for le, n in zip([*map(repr, bounds), "+Inf"], counts, strict=True):
             running += n
             buckets.append((le, running))
         yield HistogramMetricFamily(

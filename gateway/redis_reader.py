@@ -16,7 +16,8 @@ import logging
 import random
 import ssl
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import hiredis
 
@@ -58,7 +59,7 @@ class _SubscriptionProtocol(asyncio.BufferedProtocol):
     READ_BUFFER_SIZE = 1 << 20
     transport: asyncio.Transport    # set by connection_made, before anything else runs
 
-    def __init__(self, owner: "RedisSubscriber"):
+    def __init__(self, owner: RedisSubscriber):
         self.owner = owner
         self.reader = owner.make_reader(owner._on_reply)
         self.closed = asyncio.get_running_loop().create_future()
@@ -141,7 +142,7 @@ class RedisSubscriber:
         while not self._stopping:
             try:
                 proto = await asyncio.wait_for(self._connect(loop), self.connect_timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 why = str(exc) or type(exc).__name__
                 self._set_state(False, f"cannot connect to {self.target.describe()}: {why}")
                 log.warning("Redis %s unreachable (%s)", self.target.describe(), why)

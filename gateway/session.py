@@ -48,7 +48,7 @@ class SessionPolicy:
     msg_burst: int = 40
 
     @classmethod
-    def from_config(cls, config: "Config") -> "SessionPolicy":
+    def from_config(cls, config: Config) -> SessionPolicy:
         return cls(config.max_message_size, config.max_buffered_bytes, config.slow_client_policy,
                    config.client_msg_rate, config.client_msg_burst)
 
@@ -59,8 +59,8 @@ class Hub:
     __slots__ = ("policy", "server_id", "table", "control", "access", "counters", "sessions",
                  "closing")
 
-    def __init__(self, policy: SessionPolicy, server_id: str, table, control: "ControlHandler",
-                 access: "AccessPolicy", counters: "Counters", sessions: set["Session"]):
+    def __init__(self, policy: SessionPolicy, server_id: str, table, control: ControlHandler,
+                 access: AccessPolicy, counters: Counters, sessions: set[Session]):
         self.policy = policy
         self.server_id = server_id
         self.table = table
@@ -77,7 +77,7 @@ class Session:
     __slots__ = ("hub", "listener", "admission", "connection_id", "max_symbols", "bucket",
                  "strikes", "awaiting_pong", "expiry")
 
-    def __init__(self, hub: Hub, admission: "Admission", max_symbols: int):
+    def __init__(self, hub: Hub, admission: Admission, max_symbols: int):
         self.hub = hub
         self.listener: Any = None
         self.admission = admission

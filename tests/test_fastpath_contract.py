@@ -142,3 +142,19 @@ def test_read_only_and_writable_attributes(impl, cls_name):
         setattr(obj, name, getattr(obj, name))
     with pytest.raises(AttributeError):
         obj.not_in_the_contract = 1
+
+
+def test_picows_adapter_matches_the_pin():
+    """The adapter names the picows it matches; pyproject pins exactly that."""
+    import re
+
+    import picows
+
+    from gateway import picows_adapter
+    pyproject = (Path(gateway.__file__).parent.parent / "pyproject.toml").read_text()
+    pins = set(re.findall(r'"picows==([^"]+)"', pyproject))
+    assert pins == {picows_adapter.PICOWS_VERSION}
+    assert picows.__version__ == picows_adapter.PICOWS_VERSION
+    picows_adapter.check_version()
+    stub = (Path(gateway.__file__).parent / "_picows_adapter.pxd").read_text()
+    assert f"picows {picows_adapter.PICOWS_VERSION}" in stub
