@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Live fuzzing: broken and hostile clients against a running gateway.
 
-    .venv/bin/python scripts/fuzz_live.py --duration 60 --seed 1
-    .venv/bin/python scripts/fuzz_live.py --duration 15 --seed 7 --connections 2000
-    .venv/bin/python scripts/fuzz_live.py --seed 7 --only 123,456 -v   # replay connections
+    .venv/bin/python -m gateway._testbase.fuzz --duration 60 --seed 1
+    .venv/bin/python -m gateway._testbase.fuzz --duration 15 --seed 7 --connections 2000
+    .venv/bin/python -m gateway._testbase.fuzz --seed 7 --only 123,456 -v   # replay connections
 
 It starts its own redis-server (free loopback port, never 6379) and the gateway
 (``python -m gateway``, a subprocess), then:
@@ -75,10 +74,15 @@ from pathlib import Path
 
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import soak  # noqa: E402  (the shared harness: processes, framing, accounting)
-from soak import (HOST, ONE_ADDRESS_ENV, FrameParser, GatewayProc, HarnessError, RedisProc,  # noqa: E402
-                  close_code, frame, say, split_http_head, text_frame, upgrade_request)
+from . import soak  # the load, the publisher and the loss accounting
+from . import ws as wire
+from .loops import run_loop
+from .net import HOST, HarnessError, scrape_metrics
+from .process import ONE_ADDRESS_ENV, die_with_parent
+from .procfs import TCP_CLOSE_WAIT, TCP_ESTABLISHED, tcp_peer_ports
+from .redis import RedisServer
+from .soak import say, start_gateway
+from .ws import FrameParser, close_code, frame, split_http_head, text_frame, upgrade_request
 
 MAX_MESSAGE = 102400  # the gateway's WS_MAX_MESSAGE_SIZE; set explicitly below
 
@@ -92,7 +96,7 @@ class Conn:
 
     def __init__(self, reader, writer, port):
         self.r, self.w, self.port = reader, writer, port
-        self.parser = FrameParser(rsv=True)
+        self.parser = FrameParser()
         self.pending: list = []
         self.headers: dict[str, str] = {}
         self.deflate_agreed = False  # permessage-deflate: RSV1 messages come compressed
@@ -249,7 +253,7 @@ class Conn:
         return None
 
     def rst(self) -> None:
-        soak.rst(self.w)
+        wire.rst(self.w)
 
     def close(self) -> None:
         """Drop the connection now (FIN, or RST if the gateway's bytes are unread)."""
@@ -903,7 +907,7 @@ def pick_case(seed: int, index: int) -> tuple[str, random.Random]:
 def fuzzer_process(port, symbols, seed, connections, concurrency, deadline, only, verbose,
                    halt, started_q, result_q):
     """Child process: play the cases; ``halt`` (the gateway died) stops new ones."""
-    soak._die_with_parent()
+    die_with_parent()
     results = []  # (index, case, variant, outcome, finding, started, ended)
 
     async def one(index):
@@ -951,7 +955,7 @@ def fuzzer_process(port, symbols, seed, connections, concurrency, deadline, only
         await asyncio.sleep(0.2)
         result_q.put(results)
 
-    soak.run_loop(main())
+    run_loop(main())
 
 
 async def sanity_probe(port: int, symbol: str) -> str | None:
@@ -984,7 +988,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Fuzz a live gateway with broken and hostile clients while well-behaved "
                     "watchers check delivery. Exit 0 pass, 1 fail.",
-        epilog="See the module docstring (scripts/fuzz_live.py) for the cases and the verdict.")
+        epilog="See the module docstring (gateway/_testbase/fuzz.py) for the cases and the "
+               "verdict.")
     p.add_argument("--duration", type=float, default=60, help="seconds of fuzzing (default 60)")
     p.add_argument("--connections", type=int, default=100000, help="fuzz connections at most")
     p.add_argument("--concurrency", type=int, default=40, help="fuzz connections at a time")
@@ -1023,12 +1028,12 @@ def main(argv=None) -> int:
     rds = gw = None
     children: list[mp.Process] = []
     try:
-        rds = RedisProc().start()
+        rds = RedisServer(die_with_parent=True).start()
         env = {"WS_HEARTBEAT_INTERVAL": args.heartbeat, "WS_MAX_MESSAGE_SIZE": MAX_MESSAGE,
                "WS_STATS_INTERVAL": 5, **ONE_ADDRESS_ENV}
         env.update(dict(kv.split("=", 1) for kv in args.gateway_env))
-        gw = GatewayProc(rds.url, workdir / "gateway.log", **env).start()
-        gw.wait_ready(rds)
+        gw = start_gateway(rds, workdir / "gateway.log", **env)
+        gw.wait_ready()
         return run(args, rds, gw, children, workdir)
     except HarnessError as exc:
         say(f"fuzz_live: cannot run: {exc}")
@@ -1123,8 +1128,8 @@ def run(args, rds, gw, children, workdir) -> int:
     held, gauge, metrics_served = None, None, False
     deadline2 = time.monotonic() + 15
     while alive and time.monotonic() < deadline2:
-        held = len(soak.gateway_side_established(gw.port, (soak.TCP_ESTABLISHED, soak.TCP_CLOSE_WAIT)))
-        m = soak.scrape_metrics(gw.port)
+        held = len(tcp_peer_ports(gw.port, (TCP_ESTABLISHED, TCP_CLOSE_WAIT)))
+        m = scrape_metrics(gw.port)
         metrics_served = metrics_served or m is not None
         gauge = m.get("gateway_connections") if m else None
         if held == args.watchers and gauge in (None, args.watchers):
