@@ -1172,7 +1172,7 @@ def report(args, results, elapsed, samples, baseline, rss_end, alive, exit_code,
     say(f"\n== Findings: {len(findings)} kind(s) ==")
     for text, idx in sorted(findings.items(), key=lambda kv: -len(kv[1])):
         say(f"  x{len(idx):<4} {text}")
-        say(f"        replay: scripts/fuzz_live.py --seed {args.seed} --only "
+        say(f"        replay: python -m gateway._testbase.fuzz --seed {args.seed} --only "
             f"{','.join(map(str, idx[:3]))} -v")
     harness = sum(1 for r in results if r[3].startswith("HARNESS ERROR"))
     if harness:
@@ -1237,7 +1237,7 @@ def report(args, results, elapsed, samples, baseline, rss_end, alive, exit_code,
         for index, name, variant, outcome, *_ in sorted(suspects)[:20]:
             say(f"    #{index} {name} [{variant}] -> {outcome}")
         if suspects:
-            say(f"    replay: scripts/fuzz_live.py --seed {args.seed} --only "
+            say(f"    replay: python -m gateway._testbase.fuzz --seed {args.seed} --only "
                 f"{','.join(str(r[0]) for r in sorted(suspects)[:20])} -v")
     elif exit_code != 0:
         failures.append(f"gateway exit code on SIGTERM was {exit_code}")
