@@ -15,7 +15,6 @@ from gateway import _fastpath_py
 from gateway._testbase import redis as _redis
 from gateway._testbase.inproc import running_gateway, wait_until  # noqa: F401  (for the tests)
 from gateway._testbase.loops import LOOP_KINDS, CheckedLoops
-from gateway._testbase.net import free_port  # noqa: F401
 from gateway._testbase.process import GatewayProcess, gateway_env  # noqa: F401
 
 try:
@@ -79,6 +78,22 @@ def gateway_process(redis_server):
     yield start
     for gw in procs:
         gw.close()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    """A ``heavy`` test is ``slow`` in every variant but one: uvloop with the
+    compiled fast path (the pure-Python twin when the extension is missing),
+    so that the quick run still runs each test once."""
+    primary_impl = _fastpath_c if _fastpath_c is not None else _fastpath_py
+    for item in items:
+        if item.get_closest_marker("heavy") is None:
+            continue
+        params = getattr(item, "callspec", None)
+        params = params.params if params is not None else {}
+        if (params.get("loop_kind", "uvloop") != "uvloop"
+                or params.get("impl", primary_impl) is not primary_impl):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(params=LOOP_KINDS)

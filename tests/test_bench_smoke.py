@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FANOUT = ROOT / "bench" / "fanout.py"
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
                        reason="gcc not found: the bench load client is C"),
     pytest.mark.skipif(shutil.which("redis-server") is None

@@ -32,6 +32,7 @@ async def assert_silent(ws, wait=0.3):
         await asyncio.wait_for(ws.recv(), wait)
 
 
+@pytest.mark.heavy
 def test_trades_go_only_to_subscribers(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url) as gw:
@@ -82,6 +83,7 @@ def test_bad_payloads_dropped_counted_stream_continues(aio, impl, redis_server):
     aio(main())
 
 
+@pytest.mark.heavy
 def test_order_and_completeness_many_clients(aio, impl, redis_server):
     """200 clients x 5 of 20 symbols; 2,000 pipelined trades; all arrive in order."""
     async def main():

@@ -36,6 +36,7 @@ async def raw_client(port, rcvbuf: int | None = None) -> wire.RawSocket:
 
 # -- heartbeat ---------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_heartbeat_keeps_answering_clients_drops_silent_ones(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url, heartbeat_interval=0.2) as gw:
@@ -63,6 +64,7 @@ def test_heartbeat_keeps_answering_clients_drops_silent_ones(aio, impl, redis_se
 
 # -- churn ---------------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_connect_subscribe_disconnect_churn_leaves_table_empty(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url, max_connections_per_ip=0) as gw:
@@ -82,6 +84,7 @@ def test_connect_subscribe_disconnect_churn_leaves_table_empty(aio, impl, redis_
 
 # -- slow consumers ------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_slow_consumer_is_disconnected_others_unaffected(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url, max_buffered_bytes=256 * 1024) as gw:
@@ -152,6 +155,7 @@ def test_redis_unreachable_at_start_then_appears(aio, impl, own_redis):
     aio(main())
 
 
+@pytest.mark.heavy
 def test_redis_password_and_db_honoured(aio, impl, own_redis, caplog):
     own_redis.extra = ["--requirepass", "s3cret"]
     own_redis.start()
@@ -179,7 +183,8 @@ def test_redis_password_and_db_honoured(aio, impl, own_redis, caplog):
 
 # -- process: signals, CLI, stats ------------------------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM,
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_signal_closes_clients_1001_and_exits_0(gateway_process, sig):
     gw = gateway_process()
     port = gw.port

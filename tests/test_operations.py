@@ -135,6 +135,7 @@ def test_redis_acl_without_pubsub_rights(aio, impl, own_redis, caplog):
 
 # -- slow consumers ------------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_slow_consumer_conflation_reports_exact_gaps(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url, max_buffered_bytes=128 * 1024,
@@ -204,6 +205,7 @@ def test_slow_consumer_conflation_reports_exact_gaps(aio, impl, redis_server):
     aio(main(), timeout=120)
 
 
+@pytest.mark.heavy
 def test_control_reply_flood_without_reading_is_a_slow_consumer(aio, impl, redis_server):
     async def main():
         # Rate limit off: the outbound limit alone must stop this client.
@@ -263,7 +265,6 @@ def test_half_open_clients_are_reaped(aio, impl, redis_server):
     """Clients that vanish without FIN or RST (cable pulled): the heartbeat finds them."""
     async def main():
         async with running_gateway(impl, redis_server.url, heartbeat_interval=0.2) as gw:
-            loop = asyncio.get_running_loop()
             ghosts = []
             for _ in range(30):
                 s = await raw_client(gw.port)
@@ -351,6 +352,7 @@ def test_control_flood_does_not_delay_other_clients(redis_server, gateway_proces
 
 # -- memory after churn -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_churn_10000_cycles_rss_returns_to_baseline(redis_server, gateway_process):
     gw = gateway_process(WS_MAX_CONNECTIONS_PER_IP=0)
     port = gw.port

@@ -14,6 +14,8 @@ import pytest
 from conftest import ROOT
 from gateway._testbase.net import free_port, wait_port
 
+pytestmark = pytest.mark.slow  # builds the wheel and a virtual environment
+
 
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory):
