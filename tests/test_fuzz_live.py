@@ -9,22 +9,18 @@ still served). Its protocol findings are printed, not asserted here.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import needs_redis_server
+
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 20261126
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("redis-server") is None
-                       and not Path("/usr/bin/redis-server").exists(),
-                       reason="redis-server not found"),
-]
+pytestmark = [pytest.mark.slow, needs_redis_server]
 
 
 def test_fuzz_live_fixed_seed_passes():

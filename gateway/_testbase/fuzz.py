@@ -61,16 +61,12 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shutil
-import signal
 import statistics
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
-from pathlib import Path
 
 import orjson
 
@@ -78,10 +74,9 @@ from . import soak  # the load, the publisher and the loss accounting
 from . import ws as wire
 from .loops import run_loop
 from .net import HOST, HarnessError, scrape_metrics
-from .process import ONE_ADDRESS_ENV, die_with_parent
+from .process import die_with_parent
 from .procfs import TCP_CLOSE_WAIT, TCP_ESTABLISHED, tcp_peer_ports
-from .redis import RedisServer
-from .soak import say, start_gateway
+from .soak import run_session, say
 from .ws import FrameParser, close_code, frame, split_http_head, text_frame, upgrade_request
 
 MAX_MESSAGE = 102400  # the gateway's WS_MAX_MESSAGE_SIZE; set explicitly below
@@ -266,11 +261,7 @@ def zeros_deflated(n: int) -> bytes:
     return deflate(b"\x00" * n)
 
 
-def deflate(data: bytes) -> bytes:
-    """One permessage-deflate message body (no context takeover, tail removed)."""
-    c = zlib.compressobj(9, zlib.DEFLATED, -15)
-    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
-    return out[:-4] if out.endswith(b"\x00\x00\xff\xff") else out
+deflate = wire.deflate_message
 
 
 # ---------------------------------------------------------------------------
@@ -1023,30 +1014,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-fuzz-"))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    rds = gw = None
-    children: list[mp.Process] = []
-    try:
-        rds = RedisServer(die_with_parent=True).start()
-        env = {"WS_HEARTBEAT_INTERVAL": args.heartbeat, "WS_MAX_MESSAGE_SIZE": MAX_MESSAGE,
-               "WS_STATS_INTERVAL": 5, **ONE_ADDRESS_ENV}
-        env.update(dict(kv.split("=", 1) for kv in args.gateway_env))
-        gw = start_gateway(rds, workdir / "gateway.log", **env)
-        gw.wait_ready()
-        return run(args, rds, gw, children, workdir)
-    except HarnessError as exc:
-        say(f"fuzz_live: cannot run: {exc}")
-        return 2
-    finally:
-        for c in children:
-            if c.is_alive():
-                c.terminate()
-                c.join(5)
-        if gw is not None:
-            gw.kill()
-        if rds is not None:
-            rds.stop()
+    env = {"WS_HEARTBEAT_INTERVAL": args.heartbeat, "WS_MAX_MESSAGE_SIZE": MAX_MESSAGE,
+           "WS_STATS_INTERVAL": 5}
+    return run_session("fuzz_live", args, env,
+                       lambda rds, gw, children, workdir: run(args, rds, gw, children, workdir))
 
 
 def run(args, rds, gw, children, workdir) -> int:
@@ -1246,17 +1217,11 @@ def report(args, results, elapsed, samples, baseline, rss_end, alive, exit_code,
         for block in log.split("Traceback (most recent call last)")[1:3]:
             say("  traceback:" + "\n    ".join(block.splitlines()[:14]))
 
-    passed = not failures
-    say(f"\nVERDICT: {'PASS' if passed else 'FAIL'}: {len(results)} fuzz connections, "
+    return soak.verdict(
+        f"{len(results)} fuzz connections, "
         f"gateway {'alive' if alive else 'DEAD'}, RSS peak +{(peak - baseline) / 1024:.1f} MB "
         f"(bound {args.rss_bound_mb:g}), watchers lost {sum(r['lost'] for r in rows)}, "
-        f"{len(findings)} finding kind(s)")
-    for f in failures:
-        say(f"  FAIL: {f}")
-    if passed and not args.keep_logs:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(log_path.parent)
-    return 0 if passed else 1
+        f"{len(findings)} finding kind(s)", failures, args, log_path)
 
 
 if __name__ == "__main__":

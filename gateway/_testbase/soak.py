@@ -732,24 +732,26 @@ def say(*a) -> None:
     print(*a, flush=True)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-soak-"))
+def run_session(tool: str, args, env: dict, body, finally_last=None) -> int:
+    """Start redis-server and the gateway (``env``, then --gateway-env), call
+    ``body(rds, gw, children, workdir)`` and return what it returns; 2 when
+    the harness cannot start. Child processes ``body`` appends to
+    ``children``, the gateway and Redis are stopped on the way out, then
+    ``finally_last()`` runs.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=f"gateway-{tool}-"))
     # SIGTERM (e.g. from a test runner) unwinds through the cleanup below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     rds = gw = None
     children: list[mp.Process] = []
-    stop_restarts = threading.Event()  # set last: the restart thread owns redis-server
     try:
         rds = RedisServer(die_with_parent=True).start()
-        env = {"WS_HEARTBEAT_INTERVAL": args.heartbeat, "WS_STATS_INTERVAL": 10,
-               "WS_MAX_BUFFERED_BYTES": args.max_buffered_bytes, **ONE_ADDRESS_ENV}
-        env.update(dict(kv.split("=", 1) for kv in args.gateway_env))
+        env = {**env, **ONE_ADDRESS_ENV, **dict(kv.split("=", 1) for kv in args.gateway_env)}
         gw = start_gateway(rds, workdir / "gateway.log", **env)
         gw.wait_ready()
-        return run(args, rds, gw, children, stop_restarts, workdir)
+        return body(rds, gw, children, workdir)
     except HarnessError as exc:
-        say(f"soak: cannot run: {exc}")
+        say(f"{tool}: cannot run: {exc}")
         return 2
     finally:
         for c in children:
@@ -760,7 +762,19 @@ def main(argv=None) -> int:
             gw.kill()
         if rds is not None:
             rds.stop()
-        stop_restarts.set()
+        if finally_last is not None:
+            finally_last()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    stop_restarts = threading.Event()  # set last: the restart thread owns redis-server
+    env = {"WS_HEARTBEAT_INTERVAL": args.heartbeat, "WS_STATS_INTERVAL": 10,
+           "WS_MAX_BUFFERED_BYTES": args.max_buffered_bytes}
+    return run_session(
+        "soak", args, env,
+        lambda rds, gw, children, workdir: run(args, rds, gw, children, stop_restarts, workdir),
+        finally_last=stop_restarts.set)
 
 
 def run(args, rds, gw, children, stop_restarts, workdir) -> int:
@@ -993,14 +1007,20 @@ def report(args, samples, gw_died_at, alive_at_end, exit_code, log, pub, healthy
     if not flat:
         failures.append(f"RSS not flat: {rss_text}")
 
-    passed = not failures
     loss_text = (f"{tot['lost']} of {tot['expected']} expected deliveries lost, "
                  f"{tot['ooo']} out of order, {len(disconnected)} healthy disconnects "
                  f"(at risk: {tot['at_risk'] - tot['at_risk_lost']} delivered, "
                  f"{tot['at_risk_lost']} lost, not counted)")
     rss_short = (f"RSS {'flat' if flat else 'NOT flat'} "
                  f"({f_kb / 1024:.1f} -> {l_kb / 1024:.1f} MB)" if f_kb else "RSS unknown")
-    say(f"\nVERDICT: {'PASS' if passed else 'FAIL'}: {rss_short}; {loss_text}")
+    return verdict(f"{rss_short}; {loss_text}", failures, args, log_path)
+
+
+def verdict(headline: str, failures: list[str], args, log_path: Path) -> int:
+    """Print the VERDICT line and each failure; on a pass remove the run's
+    directory (the log's) unless --keep-logs. The exit status: 0 pass, 1 fail."""
+    passed = not failures
+    say(f"\nVERDICT: {'PASS' if passed else 'FAIL'}: {headline}")
     for f in failures:
         say(f"  FAIL: {f}")
     if passed and not args.keep_logs:

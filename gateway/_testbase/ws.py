@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 import time
+import zlib
 from typing import NamedTuple
 
 import orjson
@@ -113,6 +114,15 @@ def close_frame(code: int | None = 1000, reason: bytes = b"", **kw) -> bytes:
     """A close frame; ``code=None`` sends it empty."""
     body = b"" if code is None else struct.pack("!H", code) + reason
     return frame(OP_CLOSE, body, **kw)
+
+
+def deflate_message(data: bytes, level: int = 9) -> bytes:
+    """One message body as permessage-deflate sends it with no context
+    takeover: raw deflate, sync-flushed, the final 00 00 ff ff dropped
+    (RFC 7692 7.2.1). Send it in a frame with ``rsv=RSV1``."""
+    c = zlib.compressobj(level, zlib.DEFLATED, -15)
+    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    return out[:-4] if out.endswith(b"\x00\x00\xff\xff") else out
 
 
 def close_code(payload: bytes) -> int | None:
