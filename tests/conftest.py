@@ -41,7 +41,7 @@ def impl(request):
 class RedisServer(_redis.RedisServer):
     """gateway._testbase's RedisServer; a test skips where there is none."""
 
-    def start(self, timeout: float = 10) -> "RedisServer":
+    def start(self, timeout: float = 10) -> RedisServer:
         try:
             return super().start(timeout)
         except _redis.RedisNotInstalled:

@@ -26,16 +26,43 @@ on 6379; the caller stops what it starts.
 from __future__ import annotations
 
 from .loops import LOOP_KINDS, CheckedLoops, UnhandledLoopError, new_loop, run_loop
-from .net import (HOST, HarnessError, free_port, http_get, parse_metrics, port_open, readyz,
-                  scrape_metrics, wait_port)
-from .process import (ONE_ADDRESS_ENV, GatewayProcess, die_with_parent, gateway_env, spawn,
-                      terminate)
+from .net import (
+                  HOST,
+                  HarnessError,
+                  free_port,
+                  http_get,
+                  parse_metrics,
+                  port_open,
+                  readyz,
+                  scrape_metrics,
+                  wait_port,
+)
+from .process import ONE_ADDRESS_ENV, GatewayProcess, die_with_parent, gateway_env, spawn, terminate
 from .redis import RedisNotInstalled, RedisServer, command, redis_installed
 
 __all__ = [
-    "HOST", "HarnessError", "free_port", "http_get", "parse_metrics", "port_open", "readyz",
-    "scrape_metrics", "wait_port",
-    "ONE_ADDRESS_ENV", "GatewayProcess", "die_with_parent", "gateway_env", "spawn", "terminate",
-    "RedisNotInstalled", "RedisServer", "command", "redis_installed",
-    "LOOP_KINDS", "CheckedLoops", "UnhandledLoopError", "new_loop", "run_loop",
+                  "HOST",
+                  "LOOP_KINDS",
+                  "ONE_ADDRESS_ENV",
+                  "CheckedLoops",
+                  "GatewayProcess",
+                  "HarnessError",
+                  "RedisNotInstalled",
+                  "RedisServer",
+                  "UnhandledLoopError",
+                  "command",
+                  "die_with_parent",
+                  "free_port",
+                  "gateway_env",
+                  "http_get",
+                  "new_loop",
+                  "parse_metrics",
+                  "port_open",
+                  "readyz",
+                  "redis_installed",
+                  "run_loop",
+                  "scrape_metrics",
+                  "spawn",
+                  "terminate",
+                  "wait_port",
 ]

@@ -101,7 +101,7 @@ class Conn:
         self.frag_compressed = False
 
     @classmethod
-    async def open(cls, port: int) -> "Conn":
+    async def open(cls, port: int) -> Conn:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 5)
         return cls(reader, writer, port)
 
@@ -117,7 +117,7 @@ class Conn:
     async def _read(self, timeout: float) -> bytes | str:
         try:
             data = await asyncio.wait_for(self.r.read(65536), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "open"
         except ConnectionResetError:
             return "reset"
@@ -477,7 +477,7 @@ async def case_slow_handshake(c: Case):
     conn = await c.open()
     req = upgrade_request(c.port)
     cuts = sorted(c.rng.sample(range(1, len(req)), c.rng.randrange(2, 8)))
-    for a, b in zip([0] + cuts, cuts + [len(req)]):
+    for a, b in zip([0, *cuts], [*cuts, len(req)], strict=True):
         conn.send(req[a:b])
         await asyncio.sleep(c.rng.uniform(0, 0.3))
     out = await conn.head()
@@ -910,7 +910,7 @@ def fuzzer_process(port, symbols, seed, connections, concurrency, deadline, only
         except asyncio.CancelledError:
             case.release()  # cut at the deadline: no outcome to record
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             variant, outcome, finding = "?", "case timeout", None
         except (ConnectionError, OSError) as exc:
             # The gateway hung up before the case could do its part (e.g.
@@ -1127,7 +1127,7 @@ def report(args, results, elapsed, samples, baseline, rss_end, alive, exit_code,
 
     say(f"\n== Fuzz connections: {len(results)} in {elapsed:.1f} s (seed {args.seed}) ==")
     by_case: dict[str, Counter] = {}
-    for _, name, variant, outcome, *_ in results:
+    for _, name, _variant, outcome, *_ in results:
         by_case.setdefault(name, Counter())[outcome] += 1
     for name in CASES:
         if name in by_case:
@@ -1137,7 +1137,7 @@ def report(args, results, elapsed, samples, baseline, rss_end, alive, exit_code,
             say(f"  {name:<22}{sum(outs.values()):>6}  {top}{more}")
 
     findings: dict[str, list[int]] = {}
-    for index, name, variant, outcome, finding, *_ in results:
+    for index, name, _variant, _outcome, finding, *_ in results:
         if finding:
             findings.setdefault(f"{name}: {finding}", []).append(index)
     say(f"\n== Findings: {len(findings)} kind(s) ==")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any
 
 from .net import HOST
 
@@ -17,7 +18,7 @@ async def running_gateway(impl, redis_url: str, **config_overrides):
     """
     from gateway.config import Config
     from gateway.server import Gateway
-    settings = dict(host=HOST, port=0, redis_url=redis_url, stats_interval=3600.0)
+    settings: dict[str, Any] = dict(host=HOST, port=0, redis_url=redis_url, stats_interval=3600.0)
     settings.update(config_overrides)
     gw = Gateway(Config(**settings), impl=impl)
     await gw.start()

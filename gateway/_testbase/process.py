@@ -70,19 +70,16 @@ def spawn(argv: list[str], *, env: dict | None = None, cwd=None, log: Path | Non
         if cpu is not None and not use_taskset:
             os.sched_setaffinity(0, {cpu})
         if nofile:
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
 
     needs_preexec = new_group or die_with_parent or nofile or (cpu is not None and not use_taskset)
-    logf = open(log, "ab") if log else None
-    try:
+    # The child gets its own copy of the log file; ours closes on the way out.
+    with open(log, "ab") if log else contextlib.nullcontext() as logf:
         out = stdout if stdout is not None else (logf or subprocess.DEVNULL)
         err = subprocess.STDOUT if stdout is not None and logf is None else (logf or subprocess.DEVNULL)
         return subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
                                 cwd=cwd, preexec_fn=preexec if needs_preexec else None)
-    finally:
-        if logf:
-            logf.close()  # the child has its own copy
 
 
 def terminate(proc: subprocess.Popen, timeout: float = 5.0, sig=signal.SIGTERM) -> int | None:
@@ -155,7 +152,7 @@ class GatewayProcess:
 
     # -- life ---------------------------------------------------------------
 
-    def start(self) -> "GatewayProcess":
+    def start(self) -> GatewayProcess:
         """Start it (the log file is truncated first). Returns self."""
         self.log_path.write_bytes(b"")
         self.proc = spawn(self.argv, env=self.env, cwd=self.cwd, log=self.log_path,
@@ -242,7 +239,7 @@ class GatewayProcess:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
 
-    def __enter__(self) -> "GatewayProcess":
+    def __enter__(self) -> GatewayProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -286,7 +283,7 @@ class GatewayProcess:
 
     def log_problems(self, limit: int = 5) -> list[str]:
         """The first ``limit`` log lines that are tracebacks, ERROR or CRITICAL."""
-        lines = [l for l in self.log_text().splitlines()
-                 if TRACEBACK in l or l.startswith(("ERROR", "CRITICAL"))
-                 or " ERROR " in l or " CRITICAL " in l]
+        lines = [line for line in self.log_text().splitlines()
+                 if TRACEBACK in line or line.startswith(("ERROR", "CRITICAL"))
+                 or " ERROR " in line or " CRITICAL " in line]
         return lines[:limit]

@@ -72,7 +72,7 @@ def core_usage(before: dict, after: dict, core: int) -> dict:
     bursts are missed; use it as context, not as a measurement."""
     if core not in before or core not in after:
         return {}
-    d = [(a - b) / CLK_TCK for a, b in zip(after[core], before[core])]
+    d = [(a - b) / CLK_TCK for a, b in zip(after[core], before[core], strict=True)]
     user, nice, system, idle, iowait, irq, softirq, steal = d
     return {"busy_s": user + nice + system + irq + softirq + steal, "idle_s": idle + iowait,
             "softirq_s": softirq, "irq_s": irq, "steal_s": steal}

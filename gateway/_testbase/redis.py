@@ -97,7 +97,7 @@ class RedisServer:
     def pid(self) -> int:
         return self.proc.pid
 
-    def start(self, timeout: float = 10) -> "RedisServer":
+    def start(self, timeout: float = 10) -> RedisServer:
         """Start it and wait until it answers PING (or NOAUTH, with a
         password). Raises RedisNotInstalled, or HarnessError on timeout."""
         if not redis_installed():
@@ -133,7 +133,7 @@ class RedisServer:
             self.proc.wait()
             self.proc = None
 
-    def restart(self, down: float = 0.0, timeout: float = 10) -> "RedisServer":
+    def restart(self, down: float = 0.0, timeout: float = 10) -> RedisServer:
         """kill(), stay down ``down`` seconds, start() on the same port."""
         self.kill()
         time.sleep(down)
@@ -142,7 +142,7 @@ class RedisServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

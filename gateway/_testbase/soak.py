@@ -92,8 +92,7 @@ from .net import HOST, HarnessError, readyz, scrape_metrics
 from .process import ONE_ADDRESS_ENV, GatewayProcess, die_with_parent
 from .procfs import TCP_ESTABLISHED, tcp_peer_ports
 from .redis import RedisServer
-from .ws import FrameParser, close_code, frame, rst, rst_socket, split_http_head, text_frame, \
-    upgrade_request
+from .ws import FrameParser, close_code, frame, rst, rst_socket, split_http_head, text_frame, upgrade_request
 
 CHANNEL_PREFIX = "channel:trade:"
 
@@ -169,9 +168,8 @@ class HealthyClient(asyncio.Protocol):
             elif opcode == 0x9:
                 self.pings += 1
                 self.transport.write(frame(0xA, payload))
-            elif opcode == 0x8:
-                if not self.closing:
-                    self.disconnected = f"close {close_code(payload)} {payload[2:60]!r}"
+            elif opcode == 0x8 and not self.closing:
+                self.disconnected = f"close {close_code(payload)} {payload[2:60]!r}"
 
     def _on_text(self, payload: bytes) -> None:
         msg = orjson.loads(payload)
@@ -353,7 +351,7 @@ def publisher_process(redis_port, names, rate, zipf, t0, duration, seed, result_
                 replies = [PUB_FAILED] * len(picks)
                 failures += 1
             t_ack = time.monotonic()
-            for s, rep in zip(picks, replies):
+            for s, rep in zip(picks, replies, strict=False):
                 status[s].append(rep)
                 acked_at[s].append(t_ack)
             sent = due
@@ -577,9 +575,9 @@ def classify(pub: dict, restarts: list[Restart], grace: float) -> dict[str, byte
     windows = sorted((r.kill_at - grace, r.up_at or float("inf")) for r in restarts)
     starts = [w[0] for w in windows]
     out = {}
-    for name, status, acked in zip(pub["names"], pub["status"], pub["acked_at"]):
+    for name, status, acked in zip(pub["names"], pub["status"], pub["acked_at"], strict=False):
         cls = bytearray(len(status))
-        for i, (st, t) in enumerate(zip(status, acked)):
+        for i, (st, t) in enumerate(zip(status, acked, strict=False)):
             if st < 1:
                 cls[i] = NOT_EXPECTED
             else:
@@ -648,14 +646,14 @@ def rss_verdict(samples, duration, warmup, pct, mb):
     last = [kb for t, kb in samples if t >= 2 * duration / 3]
     if not first or not last:
         return False, None, None, "too few RSS samples to judge"
-    f, l = statistics.median(first), statistics.median(last)
+    f, lt = statistics.median(first), statistics.median(last)
     limit = max(f * pct / 100, mb * 1024)
-    grow = l - f
+    grow = lt - f
     text = (f"first third median {f / 1024:.1f} MB (t {warmup:.0f}-{duration / 3:.0f} s, "
-            f"{len(first)} samples), last third {l / 1024:.1f} MB ({len(last)} samples): "
+            f"{len(first)} samples), last third {lt / 1024:.1f} MB ({len(last)} samples): "
             f"{grow / 1024:+.1f} MB ({100 * grow / f:+.1f}%), "
             f"limit +{limit / 1024:.1f} MB = max({pct:g}%, {mb:g} MB)")
-    return grow <= limit, f, l, text
+    return grow <= limit, f, lt, text
 
 
 STATS_RE = re.compile(r"stats: (.*)$")

@@ -239,7 +239,7 @@ class RawSocket:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "RawSocket":
+    def __enter__(self) -> RawSocket:
         return self
 
     def __exit__(self, *exc) -> None:
