@@ -112,6 +112,7 @@ def test_jwt_public_key(aio, impl, redis_server, tmp_path, alg):
     aio(main())
 
 
+@pytest.mark.heavy
 def test_token_expiring_mid_connection_closes_1008(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url, jwt_secret=SECRET) as gw:
@@ -159,6 +160,7 @@ def test_connections_per_ip(aio, impl, redis_server):
     aio(main())
 
 
+@pytest.mark.heavy
 def test_connect_rate_retry_after(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url, connect_rate=2, connect_burst=3) as gw:

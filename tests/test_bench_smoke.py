@@ -18,15 +18,17 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
+
+from gateway._testbase import ws as wire
 
 ROOT = Path(__file__).resolve().parent.parent
 FANOUT = ROOT / "bench" / "fanout.py"
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
                        reason="gcc not found: the bench load client is C"),
     pytest.mark.skipif(shutil.which("redis-server") is None
@@ -97,24 +99,11 @@ def _check_market_modes(results: list[dict], report: str) -> None:
 
 def _frame(opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> bytes:
     """An unmasked server frame, with the 7-, 16- or 64-bit length form."""
-    head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
-    n = len(payload)
-    if n < 126:
-        head += bytes([n])
-    elif n < 65536:
-        head += bytes([126]) + n.to_bytes(2, "big")
-    else:
-        head += bytes([127]) + n.to_bytes(8, "big")
-    return head + payload
+    return wire.frame(opcode, payload, fin=fin, mask=False, rsv=wire.RSV1 if rsv1 else 0)
 
 
 def _deflate(body: bytes) -> bytes:
-    """One message as permessage-deflate sends it with no context takeover:
-    raw deflate, sync-flushed, the final 00 00 ff ff dropped (RFC 7692 7.2.1)."""
-    z = zlib.compressobj(6, zlib.DEFLATED, -15)
-    out = z.compress(body) + z.flush(zlib.Z_SYNC_FLUSH)
-    assert out.endswith(b"\x00\x00\xff\xff")
-    return out[:-4]
+    return wire.deflate_message(body, level=6)
 
 
 @pytest.mark.parametrize("deflate", [False, True], ids=["plain", "deflate"])

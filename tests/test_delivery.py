@@ -10,7 +10,7 @@ import orjson
 import pytest
 import websockets
 
-from conftest import gateway_env, running_gateway, spawn_gateway, wait_until
+from conftest import running_gateway, wait_until
 
 
 async def client(gw, symbols):
@@ -32,6 +32,7 @@ async def assert_silent(ws, wait=0.3):
         await asyncio.wait_for(ws.recv(), wait)
 
 
+@pytest.mark.heavy
 def test_trades_go_only_to_subscribers(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url) as gw:
@@ -82,6 +83,7 @@ def test_bad_payloads_dropped_counted_stream_continues(aio, impl, redis_server):
     aio(main())
 
 
+@pytest.mark.heavy
 def test_order_and_completeness_many_clients(aio, impl, redis_server):
     """200 clients x 5 of 20 symbols; 2,000 pipelined trades; all arrive in order."""
     async def main():
@@ -175,22 +177,16 @@ def test_custom_channel_prefix(aio, impl, redis_server):
     aio(main())
 
 
-def test_two_instances_each_serve_their_own_clients(redis_server):
+def test_two_instances_each_serve_their_own_clients(redis_server, gateway_process):
     """Two gateway processes on one Redis: each delivers to its own clients."""
-    from conftest import free_port
-    ports = [free_port(), free_port()]
-    procs = [spawn_gateway(gateway_env(WS_HOST="127.0.0.1", WS_PORT=p, REDIS_URL=redis_server.url))
-             for p in ports]
+    procs = [gateway_process(), gateway_process()]
+    for gw in procs:
+        gw.wait_listening()
 
     async def main():
         conns = []
-        for p in ports:
-            for _ in range(100):
-                try:
-                    ws = await websockets.connect(f"ws://127.0.0.1:{p}")
-                    break
-                except OSError:
-                    await asyncio.sleep(0.05)
+        for gw in procs:
+            ws = await websockets.connect(gw.url)
             welcome = orjson.loads(await ws.recv())
             await ws.send('{"action":"subscribe","symbols":["MULTI"]}')
             await ws.recv()
@@ -207,9 +203,6 @@ def test_two_instances_each_serve_their_own_clients(redis_server):
                 pass
             assert d == {"n": 7}
             await ws.close()
-    try:
-        asyncio.run(main())
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(10)
+    asyncio.run(main())
+    for gw in procs:
+        assert gw.stop() == 0

@@ -1,33 +1,31 @@
 """The live fuzzer end to end for about 15 s with a fixed seed.
 
-Runs ``scripts/fuzz_live.py`` as a subprocess: its own redis-server and
-gateway, hundreds of broken and hostile connections, and well-behaved
-watchers that must lose nothing. The script decides pass or fail (gateway
+Runs ``python -m gateway._testbase.fuzz`` as a subprocess: its own
+redis-server and gateway, hundreds of broken and hostile connections, and
+well-behaved watchers that must lose nothing. The script decides pass or fail (gateway
 alive, RSS bounded, watchers complete, connections released, a fresh client
 still served). Its protocol findings are printed, not asserted here.
 """
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import needs_redis_server
+
 ROOT = Path(__file__).resolve().parent.parent
-FUZZ = ROOT / "scripts" / "fuzz_live.py"
 SEED = 20261126
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists(),
-    reason="redis-server not found")
+pytestmark = [pytest.mark.slow, needs_redis_server]
 
 
 def test_fuzz_live_fixed_seed_passes():
     proc = subprocess.run(
-        [sys.executable, str(FUZZ), "--duration", "15", "--seed", str(SEED),
+        [sys.executable, "-m", "gateway._testbase.fuzz", "--duration", "15", "--seed", str(SEED),
          "--concurrency", "30"],
         cwd=ROOT, capture_output=True, text=True, timeout=100)
     out = proc.stdout + proc.stderr

@@ -3,7 +3,7 @@ consumers, Redis going away, signals, configuration and stats."""
 from __future__ import annotations
 
 import asyncio
-import base64
+import functools
 import os
 import signal
 import socket
@@ -15,8 +15,8 @@ import orjson
 import pytest
 import websockets
 
-from conftest import (ROOT, RedisServer, free_port, gateway_env, running_gateway, spawn_gateway,
-                      wait_until)
+from conftest import ROOT, gateway_env, running_gateway, wait_until
+from gateway._testbase import ws as wire
 
 
 async def client(port, symbols=(), **kwargs):
@@ -28,41 +28,23 @@ async def client(port, symbols=(), **kwargs):
     return ws
 
 
-def raw_upgrade(port, rcvbuf: int | None = None) -> socket.socket:
+async def raw_client(port, rcvbuf: int | None = None) -> wire.RawSocket:
     """A WebSocket client that does only what the test tells it (here: nothing)."""
-    s = socket.socket()
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(5)
-    s.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        buf += s.recv(4096)
-    assert buf.startswith(b"HTTP/1.1 101")
-    return s
-
-
-def masked_text(payload: bytes) -> bytes:
-    mask = b"\x11\x22\x33\x44"
-    assert len(payload) < 126
-    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(
-        b ^ mask[i % 4] for i, b in enumerate(payload))
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, functools.partial(wire.connect, port, rcvbuf=rcvbuf))
 
 
 # -- heartbeat ---------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_heartbeat_keeps_answering_clients_drops_silent_ones(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url, heartbeat_interval=0.2) as gw:
-            loop = asyncio.get_running_loop()
             # websockets answers pings by itself; its own keepalive is off so
             # only the gateway's pings are in play.
             good = await client(gw.port, ["HB"], ping_interval=None)
-            silent = await loop.run_in_executor(None, raw_upgrade, gw.port)
-            silent.sendall(masked_text(b'{"action":"subscribe","symbols":["HB"]}'))
+            silent = await raw_client(gw.port)
+            silent.send_text(b'{"action":"subscribe","symbols":["HB"]}')
             await wait_until(lambda: gw.table.subscription_count == 2)
             await wait_until(lambda: len(gw.sessions) == 1, timeout=3)
             assert gw.counters.heartbeat_timeouts == 1
@@ -72,13 +54,8 @@ def test_heartbeat_keeps_answering_clients_drops_silent_ones(aio, impl, redis_se
             await good.send('{"action":"ping"}')
             assert orjson.loads(await good.recv())["type"] == "pong"
             # The silent one saw pings, then the connection end.
-            data = b""
-            silent.settimeout(2)
-            try:
-                while chunk := silent.recv(4096):
-                    data += chunk
-            except OSError:
-                pass
+            silent.sock.settimeout(2)
+            data = silent.read_all()
             assert b"\x89" in data  # a ping frame reached it
             silent.close()
             await good.close()
@@ -87,6 +64,7 @@ def test_heartbeat_keeps_answering_clients_drops_silent_ones(aio, impl, redis_se
 
 # -- churn ---------------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_connect_subscribe_disconnect_churn_leaves_table_empty(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url, max_connections_per_ip=0) as gw:
@@ -106,13 +84,14 @@ def test_connect_subscribe_disconnect_churn_leaves_table_empty(aio, impl, redis_
 
 # -- slow consumers ------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_slow_consumer_is_disconnected_others_unaffected(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url, max_buffered_bytes=256 * 1024) as gw:
             await wait_until(lambda: gw.redis.ready)
             loop = asyncio.get_running_loop()
-            stalled = await loop.run_in_executor(None, raw_upgrade, gw.port, 4096)
-            stalled.sendall(masked_text(b'{"action":"subscribe","symbols":["FLOOD"]}'))
+            stalled = await raw_client(gw.port, 4096)
+            stalled.send_text(b'{"action":"subscribe","symbols":["FLOOD"]}')
             healthy = await client(gw.port, ["FLOOD"], max_queue=None)
             await wait_until(lambda: gw.table.subscription_count == 2)
             r = redis_server.client()
@@ -176,6 +155,7 @@ def test_redis_unreachable_at_start_then_appears(aio, impl, own_redis):
     aio(main())
 
 
+@pytest.mark.heavy
 def test_redis_password_and_db_honoured(aio, impl, own_redis, caplog):
     own_redis.extra = ["--requirepass", "s3cret"]
     own_redis.start()
@@ -203,45 +183,29 @@ def test_redis_password_and_db_honoured(aio, impl, own_redis, caplog):
 
 # -- process: signals, CLI, stats ------------------------------------------------------
 
-def wait_port(port, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
+@pytest.mark.parametrize("sig", [signal.SIGTERM,
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_signal_closes_clients_1001_and_exits_0(gateway_process, sig):
+    gw = gateway_process()
+    port = gw.port
+    gw.wait_listening()
 
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_closes_clients_1001_and_exits_0(redis_server, sig):
-    port = free_port()
-    proc = spawn_gateway(gateway_env(WS_HOST="127.0.0.1", WS_PORT=port, REDIS_URL=redis_server.url))
-    try:
-        wait_port(port)
-
-        async def main():
-            conns = [await client(port, ["SIG"]) for _ in range(3)]
-            proc.send_signal(sig)
-            t0 = time.monotonic()
-            for ws in conns:
-                with pytest.raises(websockets.ConnectionClosed) as info:
-                    await asyncio.wait_for(ws.recv(), 5)
-                assert info.value.rcvd.code == 1001
-            return time.monotonic() - t0
-        took = asyncio.run(main())
-        assert proc.wait(5) == 0
-        assert took < 3
-        out = proc.stdout.read()
-        assert "shutting down" in out and "Traceback" not in out
-        # No longer accepting.
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    async def main():
+        conns = [await client(port, ["SIG"]) for _ in range(3)]
+        gw.send_signal(sig)
+        t0 = time.monotonic()
+        for ws in conns:
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert info.value.rcvd.code == 1001
+        return time.monotonic() - t0
+    took = asyncio.run(main())
+    assert gw.wait(5) == 0
+    assert took < 3
+    assert "shutting down" in gw.log_text() and not gw.tracebacks()
+    # No longer accepting.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
 
 
 @pytest.mark.parametrize("env,args,expected", [
@@ -285,12 +249,11 @@ def test_console_script_installed():
     assert proc.returncode == 0 and "WS_PORT" in proc.stdout
 
 
-def test_stats_logged_periodically(redis_server):
-    port = free_port()
-    proc = spawn_gateway(gateway_env(WS_HOST="127.0.0.1", WS_PORT=port, REDIS_URL=redis_server.url,
-                                     WS_STATS_INTERVAL="0.3"))
+def test_stats_logged_periodically(redis_server, gateway_process):
+    gw = gateway_process(WS_STATS_INTERVAL="0.3")
+    port = gw.port
     try:
-        wait_port(port)
+        gw.wait_listening()
 
         async def main():
             ws = await client(port, ["ST1", "ST2"])
@@ -304,8 +267,8 @@ def test_stats_logged_periodically(redis_server):
             await ws.close()
         asyncio.run(main())
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=10)
+        gw.stop()
+    out = gw.log_text()
     lines = [dict(kv.split("=") for kv in line.split("stats: ")[-1].split())
              for line in out.splitlines() if "stats: connections=" in line]
     assert len(lines) >= 2

@@ -4,21 +4,17 @@ that comes back after churn."""
 from __future__ import annotations
 
 import asyncio
-import os
-import resource
-import socket
-import struct
 import sys
 import time
 
 import orjson
 import pytest
-import websockets
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import (RedisServer, free_port, gateway_env, running_gateway, spawn_gateway,
-                      wait_until)
-from test_lifecycle import client, masked_text, raw_upgrade, wait_port
+from conftest import ROOT, running_gateway, wait_until
+from gateway._testbase import procfs
+from gateway._testbase import ws as wire
+from gateway._testbase.net import parse_metrics
+from test_lifecycle import client, raw_client
 
 
 async def http_get(port: int, path: str) -> tuple[int, dict, bytes]:
@@ -37,12 +33,7 @@ async def scrape(port: int) -> dict[str, float]:
     """Every sample of /metrics as {name{labels}: value}, via prometheus_client's parser."""
     status, headers, body = await http_get(port, "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+    return parse_metrics(body.decode())
 
 
 # -- health and metrics ----------------------------------------------------------------
@@ -144,46 +135,15 @@ def test_redis_acl_without_pubsub_rights(aio, impl, own_redis, caplog):
 
 # -- slow consumers ------------------------------------------------------------------
 
-class FrameReader:
-    """Reads server frames (unmasked) off a raw socket."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.buf = b""
-
-    def _need(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                raise EOFError
-            self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def frame(self) -> tuple[int, bytes]:
-        b0, b1 = self._need(2)
-        n = b1 & 0x7F
-        if n == 126:
-            n = struct.unpack(">H", self._need(2))[0]
-        elif n == 127:
-            n = struct.unpack(">Q", self._need(8))[0]
-        return b0 & 0x0F, self._need(n)
-
-    def text(self) -> dict:
-        while True:
-            op, data = self.frame()
-            if op == 1:
-                return orjson.loads(data)
-
-
+@pytest.mark.heavy
 def test_slow_consumer_conflation_reports_exact_gaps(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url, max_buffered_bytes=128 * 1024,
                                    slow_client_policy="conflate") as gw:
             await wait_until(lambda: gw.redis.ready)
             loop = asyncio.get_running_loop()
-            slow = await loop.run_in_executor(None, raw_upgrade, gw.port, 4096)
-            slow.sendall(masked_text(b'{"action":"subscribe","symbols":["CA","CB"]}'))
+            slow = await raw_client(gw.port, 4096)
+            slow.send_text(b'{"action":"subscribe","symbols":["CA","CB"]}')
             healthy = await client(gw.port, ["CA", "CB"], max_queue=None)
             await wait_until(lambda: gw.table.subscription_count == 4)
             r = redis_server.client()
@@ -213,14 +173,13 @@ def test_slow_consumer_conflation_reports_exact_gaps(aio, impl, redis_server):
             # The slow client now reads everything: a contiguous run, then per
             # symbol a gap notice saying exactly how many it skipped, then the
             # latest trade, then live trades again.
-            reader = FrameReader(slow)
-            slow.settimeout(10)
+            slow.sock.settimeout(10)
             last = {"CA": -1, "CB": -1}
             gaps = {"CA": 0, "CB": 0}
             pending_gap = {}
             tail_published = False
             while min(last.values()) < total // 2 + 9:
-                msg = await loop.run_in_executor(None, reader.text)
+                msg = await loop.run_in_executor(None, slow.text)
                 if msg["type"] == "success":
                     continue
                 if msg["type"] == "gap":
@@ -246,20 +205,21 @@ def test_slow_consumer_conflation_reports_exact_gaps(aio, impl, redis_server):
     aio(main(), timeout=120)
 
 
+@pytest.mark.heavy
 def test_control_reply_flood_without_reading_is_a_slow_consumer(aio, impl, redis_server):
     async def main():
         # Rate limit off: the outbound limit alone must stop this client.
         async with running_gateway(impl, redis_server.url, max_buffered_bytes=64 * 1024,
                                    client_msg_rate=0) as gw:
             loop = asyncio.get_running_loop()
-            flooder = await loop.run_in_executor(None, raw_upgrade, gw.port, 4096)
-            ping = masked_text(b'{"action":"ping"}')
+            flooder = await raw_client(gw.port, 4096)
+            ping = wire.text_frame(b'{"action":"ping"}')
             burst = ping * 2000
 
             def flood():
                 try:
                     for _ in range(50):
-                        flooder.sendall(burst)
+                        flooder.send(burst)
                 except OSError:
                     pass
             await loop.run_in_executor(None, flood)
@@ -278,8 +238,8 @@ def test_client_vanishing_mid_write(aio, impl, redis_server):
             loop = asyncio.get_running_loop()
             goners = []
             for _ in range(20):
-                s = await loop.run_in_executor(None, raw_upgrade, gw.port, 4096)
-                s.sendall(masked_text(b'{"action":"subscribe","symbols":["MID"]}'))
+                s = await raw_client(gw.port, 4096)
+                s.send_text(b'{"action":"subscribe","symbols":["MID"]}')
                 goners.append(s)
             healthy = await client(gw.port, ["MID"], max_queue=None)
             await wait_until(lambda: gw.table.subscription_count == 21)
@@ -292,8 +252,7 @@ def test_client_vanishing_mid_write(aio, impl, redis_server):
                 pipe.execute()
             await loop.run_in_executor(None, publish, 0, 3000)
             for s in goners:  # RST while the gateway has data queued for them
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                s.close()
+                s.rst()
             await loop.run_in_executor(None, publish, 3000, 6000)
             for n in range(6000):
                 assert orjson.loads(await asyncio.wait_for(healthy.recv(), 10))["data"]["seq"] == n
@@ -306,11 +265,10 @@ def test_half_open_clients_are_reaped(aio, impl, redis_server):
     """Clients that vanish without FIN or RST (cable pulled): the heartbeat finds them."""
     async def main():
         async with running_gateway(impl, redis_server.url, heartbeat_interval=0.2) as gw:
-            loop = asyncio.get_running_loop()
             ghosts = []
             for _ in range(30):
-                s = await loop.run_in_executor(None, raw_upgrade, gw.port)
-                s.sendall(masked_text(b'{"action":"subscribe","symbols":["GHOST"]}'))
+                s = await raw_client(gw.port)
+                s.send_text(b'{"action":"subscribe","symbols":["GHOST"]}')
                 ghosts.append(s)  # never reads, never answers a ping, never closes
             await wait_until(lambda: gw.table.subscription_count == 30)
             await wait_until(lambda: not gw.sessions and gw.table.subscription_count == 0, 5)
@@ -322,15 +280,12 @@ def test_half_open_clients_are_reaped(aio, impl, redis_server):
 
 
 FLOODER = r"""
-import os, socket, sys, threading, time, base64
+import socket, sys, threading, time
+from gateway._testbase import ws as wire
 port, seconds = int(sys.argv[1]), float(sys.argv[2])
 s = socket.create_connection(("127.0.0.1", port))
-key = base64.b64encode(os.urandom(16))
-s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-          b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
-p = b'{"action":"subscribe","symbols":["X1"]}'
-frame = bytes([0x81, 0x80 | len(p)]) + b"\0\0\0\0" + p
-burst = frame * 100
+s.sendall(wire.upgrade_request(port))
+burst = wire.text_frame(b'{"action":"subscribe","symbols":["X1"]}', key=b"\0\0\0\0") * 100
 got = bytearray()
 def drain():
     try:
@@ -352,22 +307,22 @@ print(sent)
 """
 
 
-def test_control_flood_does_not_delay_other_clients(redis_server):
+def test_control_flood_does_not_delay_other_clients(redis_server, gateway_process):
     """One client floods control messages as fast as it can; the per-connection
     rate limit closes it (1008) and another client's trades keep flowing.
     Gateway and flooder run in their own processes."""
     import subprocess
-    port = free_port()
-    proc = spawn_gateway(gateway_env(WS_HOST="127.0.0.1", WS_PORT=port, REDIS_URL=redis_server.url))
+    gw = gateway_process()
+    port = gw.port
     flooder = None
     try:
-        wait_port(port)
+        gw.wait_listening()
 
         async def main():
             nonlocal flooder
             watcher = await client(port, ["LAT"])
             flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(port), "4"],
-                                       stdout=subprocess.PIPE, text=True)
+                                       stdout=subprocess.PIPE, text=True, cwd=ROOT)
             await asyncio.sleep(0.5)
             r = redis_server.client()
             latencies = []
@@ -392,37 +347,25 @@ def test_control_flood_does_not_delay_other_clients(redis_server):
     finally:
         if flooder is not None and flooder.poll() is None:
             flooder.kill()
-        proc.terminate()
-        proc.wait(10)
+        gw.stop()
 
 
 # -- memory after churn -------------------------------------------------------------------
 
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def test_churn_10000_cycles_rss_returns_to_baseline(redis_server):
-    port = free_port()
-    proc = spawn_gateway(gateway_env(WS_HOST="127.0.0.1", WS_PORT=port, REDIS_URL=redis_server.url,
-                                     WS_MAX_CONNECTIONS_PER_IP=0))
+@pytest.mark.slow
+def test_churn_10000_cycles_rss_returns_to_baseline(redis_server, gateway_process):
+    gw = gateway_process(WS_MAX_CONNECTIONS_PER_IP=0)
+    port = gw.port
     try:
-        wait_port(port)
-        import base64
-        upgrade = (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) +
-                   b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        gw.wait_listening()
+        upgrade = wire.upgrade_request(port)
 
         async def cycle(i):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(upgrade)
             await reader.readuntil(b"\r\n\r\n")
-            writer.write(masked_text(b'{"action":"subscribe","symbols":["A%d","B%d","C"]}'
-                                     % (i % 500, i % 7)))
+            writer.write(wire.text_frame(b'{"action":"subscribe","symbols":["A%d","B%d","C"]}'
+                                         % (i % 500, i % 7)))
             await reader.readuntil(b"currentSubscriptions")
             if i % 2:
                 writer.transport.abort()
@@ -436,7 +379,7 @@ def test_churn_10000_cycles_rss_returns_to_baseline(redis_server):
         async def main():
             await run(0, 1000)  # warm-up: allocator pools, interned strings
             await asyncio.sleep(1.0)
-            before = rss_kb(proc.pid)
+            before = procfs.rss_kb(gw.pid)
             await run(1000, 11000)
             await asyncio.sleep(1.0)
             deadline = time.monotonic() + 10
@@ -445,7 +388,7 @@ def test_churn_10000_cycles_rss_returns_to_baseline(redis_server):
                 if m["gateway_connections"] == 0 or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.1)
-            return before, rss_kb(proc.pid), m
+            return before, procfs.rss_kb(gw.pid), m
         before, after, m = asyncio.run(main())
         assert m["gateway_connections"] == 0
         assert m["gateway_subscriptions"] == 0 and m["gateway_symbols"] == 0
@@ -454,5 +397,4 @@ def test_churn_10000_cycles_rss_returns_to_baseline(redis_server):
         # them would show. Allow allocator noise of 2 MB.
         assert after - before < 2048, (before, after)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        gw.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 import uuid
 
@@ -17,6 +16,8 @@ import pytest
 import websockets
 
 from conftest import running_gateway, wait_until
+from gateway._testbase import ws as wire
+from test_lifecycle import raw_client
 
 
 async def connect(gw, **kwargs):
@@ -221,31 +222,15 @@ def test_client_close_handshake(aio, impl, redis_server):
 
 def test_raw_socket_protocol_errors(aio, impl, redis_server):
     """Frames no library would send: unmasked client frame, bad opcode, stray continuation."""
-    from test_lifecycle import raw_upgrade as handshake
-
-    def read_until_closed(s) -> bytes:
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except OSError:
-            pass
-        return data
-
-    def masked(opcode, payload, fin=True):
-        mask = b"\x01\x02\x03\x04"
-        body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask + body
-
     async def main():
         async with running_gateway(impl, redis_server.url) as gw:
             loop = asyncio.get_running_loop()
-            for bad in (bytes([0x81, 2]) + b"hi",          # unmasked
-                        masked(0x3, b"x"),                  # reserved opcode
-                        masked(0x0, b"x")):                 # continuation without a start
-                s = await loop.run_in_executor(None, handshake, gw.port)
-                s.sendall(bad)
-                data = await loop.run_in_executor(None, read_until_closed, s)
+            for bad in (wire.frame(0x1, b"hi", mask=False),  # unmasked
+                        wire.frame(0x3, b"x"),               # reserved opcode
+                        wire.frame(0x0, b"x")):              # continuation without a start
+                s = await raw_client(gw.port)
+                s.send(bad)
+                data = await loop.run_in_executor(None, s.read_all)
                 s.close()
                 # The welcome, then a close frame with 1002 (protocol error).
                 assert b"\x88" in data and b"\x03\xea" in data, data[-40:]
@@ -293,22 +278,13 @@ def test_client_message_rate_limit(aio, impl, redis_server):
     (b"\x03\xee", 1002),                 # 1006 is reserved
 ])
 def test_close_codes_from_client(aio, impl, redis_server, payload, expected):
-    from test_lifecycle import raw_upgrade
-    from test_operations import FrameReader
-
     async def main():
         async with running_gateway(impl, redis_server.url) as gw:
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, raw_upgrade, gw.port)
-            mask = b"\x01\x02\x03\x04"
-            s.sendall(bytes([0x88, 0x80 | len(payload)]) + mask
-                      + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-            reader = FrameReader(s)
-            while True:
-                op, data = await loop.run_in_executor(None, reader.frame)
-                if op == 0x8:
-                    break
-            assert int.from_bytes(data[:2], "big") == expected
+            s = await raw_client(gw.port)
+            s.send(wire.frame(wire.OP_CLOSE, payload))
+            closing = await loop.run_in_executor(None, s.until_close)
+            assert wire.close_code(closing.payload) == expected
             s.close()
     aio(main())
 

@@ -1,8 +1,8 @@
 """The soak harness end to end, at a size that fits a test run (about 70 s).
 
-Runs ``scripts/soak.py --duration 60`` as a subprocess: its own redis-server,
-the gateway as ``python -m gateway``, healthy clients, churn, stalled clients
-and two Redis restarts. The script decides pass or fail (zero loss for
+Runs ``python -m gateway._testbase.soak --duration 60`` as a subprocess: its
+own redis-server, the gateway as ``python -m gateway``, healthy clients, churn,
+stalled clients and two Redis restarts. The script decides pass or fail (zero loss for
 healthy clients, flat RSS, gateway alive); this test checks that it passed
 and that it really exercised what it claims to, so a harness that silently
 tested nothing cannot pass.
@@ -10,25 +10,23 @@ tested nothing cannot pass.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SOAK = ROOT / "scripts" / "soak.py"
+from conftest import needs_redis_server
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists(),
-    reason="redis-server not found")
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.slow, needs_redis_server]
 
 
 def test_soak_one_minute_passes():
     proc = subprocess.run(
-        [sys.executable, str(SOAK), "--duration", "60", "--clients", "50", "--rate", "500",
-         "--churn-rate", "20", "--churn-concurrency", "8", "--stalled", "2",
+        [sys.executable, "-m", "gateway._testbase.soak", "--duration", "60", "--clients", "50",
+         "--rate", "500", "--churn-rate", "20", "--churn-concurrency", "8", "--stalled", "2",
          "--redis-restarts", "2", "--per-client", "worst", "--seed", "3"],
         cwd=ROOT, capture_output=True, text=True, timeout=110)
     out = proc.stdout + proc.stderr

@@ -11,7 +11,10 @@ import time
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT
+from gateway._testbase.net import free_port, wait_port
+
+pytestmark = pytest.mark.slow  # builds the wheel and a virtual environment
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,7 @@ def test_wheel_is_binary_and_has_no_sources_to_compile(wheel_venv):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("gateway/_fastpath.") and n.endswith(".so") for n in names)
     assert "gateway/_fastpath_py.py" in names
+    assert "gateway/_testbase/__init__.py" in names  # the harness ships, as asyncpg's does
     assert not any(n.endswith(".c") for n in names)
 
 
@@ -62,12 +66,8 @@ def test_installed_wheel_runs_compiled_without_cython(wheel_venv, redis_server, 
         import websockets
 
         async def main():
-            for _ in range(200):
-                try:
-                    ws = await websockets.connect(f"ws://127.0.0.1:{port}")
-                    break
-                except OSError:
-                    await asyncio.sleep(0.05)
+            wait_port(port, alive=lambda: proc.poll() is None)
+            ws = await websockets.connect(f"ws://127.0.0.1:{port}")
             await ws.recv()
             await ws.send('{"action":"subscribe","symbols":["WHL"]}')
             await ws.recv()

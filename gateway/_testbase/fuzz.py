@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Live fuzzing: broken and hostile clients against a running gateway.
 
-    .venv/bin/python scripts/fuzz_live.py --duration 60 --seed 1
-    .venv/bin/python scripts/fuzz_live.py --duration 15 --seed 7 --connections 2000
-    .venv/bin/python scripts/fuzz_live.py --seed 7 --only 123,456 -v   # replay connections
+    .venv/bin/python -m gateway._testbase.fuzz --duration 60 --seed 1
+    .venv/bin/python -m gateway._testbase.fuzz --duration 15 --seed 7 --connections 2000
+    .venv/bin/python -m gateway._testbase.fuzz --seed 7 --only 123,456 -v   # replay connections
 
 It starts its own redis-server (free loopback port, never 6379) and the gateway
 (``python -m gateway``, a subprocess), then:
@@ -62,23 +61,23 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shutil
-import signal
 import statistics
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
-from pathlib import Path
 
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import soak  # noqa: E402  (the shared harness: processes, framing, accounting)
-from soak import (HOST, ONE_ADDRESS_ENV, FrameParser, GatewayProc, HarnessError, RedisProc,  # noqa: E402
-                  close_code, frame, say, split_http_head, text_frame, upgrade_request)
+from . import soak  # the load, the publisher and the loss accounting
+from . import ws as wire
+from .loops import run_loop
+from .net import HOST, HarnessError, scrape_metrics
+from .process import die_with_parent
+from .procfs import TCP_CLOSE_WAIT, TCP_ESTABLISHED, tcp_peer_ports
+from .soak import run_session, say
+from .ws import FrameParser, close_code, frame, split_http_head, text_frame, upgrade_request
 
 MAX_MESSAGE = 102400  # the gateway's WS_MAX_MESSAGE_SIZE; set explicitly below
 
@@ -92,7 +91,7 @@ class Conn:
 
     def __init__(self, reader, writer, port):
         self.r, self.w, self.port = reader, writer, port
-        self.parser = FrameParser(rsv=True)
+        self.parser = FrameParser()
         self.pending: list = []
         self.headers: dict[str, str] = {}
         self.deflate_agreed = False  # permessage-deflate: RSV1 messages come compressed
@@ -102,7 +101,7 @@ class Conn:
         self.frag_compressed = False
 
     @classmethod
-    async def open(cls, port: int) -> "Conn":
+    async def open(cls, port: int) -> Conn:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 5)
         return cls(reader, writer, port)
 
@@ -118,7 +117,7 @@ class Conn:
     async def _read(self, timeout: float) -> bytes | str:
         try:
             data = await asyncio.wait_for(self.r.read(65536), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "open"
         except ConnectionResetError:
             return "reset"
@@ -249,7 +248,7 @@ class Conn:
         return None
 
     def rst(self) -> None:
-        soak.rst(self.w)
+        wire.rst(self.w)
 
     def close(self) -> None:
         """Drop the connection now (FIN, or RST if the gateway's bytes are unread)."""
@@ -262,11 +261,7 @@ def zeros_deflated(n: int) -> bytes:
     return deflate(b"\x00" * n)
 
 
-def deflate(data: bytes) -> bytes:
-    """One permessage-deflate message body (no context takeover, tail removed)."""
-    c = zlib.compressobj(9, zlib.DEFLATED, -15)
-    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
-    return out[:-4] if out.endswith(b"\x00\x00\xff\xff") else out
+deflate = wire.deflate_message
 
 
 # ---------------------------------------------------------------------------
@@ -482,7 +477,7 @@ async def case_slow_handshake(c: Case):
     conn = await c.open()
     req = upgrade_request(c.port)
     cuts = sorted(c.rng.sample(range(1, len(req)), c.rng.randrange(2, 8)))
-    for a, b in zip([0] + cuts, cuts + [len(req)]):
+    for a, b in zip([0, *cuts], [*cuts, len(req)], strict=True):
         conn.send(req[a:b])
         await asyncio.sleep(c.rng.uniform(0, 0.3))
     out = await conn.head()
@@ -903,7 +898,7 @@ def pick_case(seed: int, index: int) -> tuple[str, random.Random]:
 def fuzzer_process(port, symbols, seed, connections, concurrency, deadline, only, verbose,
                    halt, started_q, result_q):
     """Child process: play the cases; ``halt`` (the gateway died) stops new ones."""
-    soak._die_with_parent()
+    die_with_parent()
     results = []  # (index, case, variant, outcome, finding, started, ended)
 
     async def one(index):
@@ -915,7 +910,7 @@ def fuzzer_process(port, symbols, seed, connections, concurrency, deadline, only
         except asyncio.CancelledError:
             case.release()  # cut at the deadline: no outcome to record
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             variant, outcome, finding = "?", "case timeout", None
         except (ConnectionError, OSError) as exc:
             # The gateway hung up before the case could do its part (e.g.
@@ -951,7 +946,7 @@ def fuzzer_process(port, symbols, seed, connections, concurrency, deadline, only
         await asyncio.sleep(0.2)
         result_q.put(results)
 
-    soak.run_loop(main())
+    run_loop(main())
 
 
 async def sanity_probe(port: int, symbol: str) -> str | None:
@@ -984,7 +979,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Fuzz a live gateway with broken and hostile clients while well-behaved "
                     "watchers check delivery. Exit 0 pass, 1 fail.",
-        epilog="See the module docstring (scripts/fuzz_live.py) for the cases and the verdict.")
+        epilog="See the module docstring (gateway/_testbase/fuzz.py) for the cases and the "
+               "verdict.")
     p.add_argument("--duration", type=float, default=60, help="seconds of fuzzing (default 60)")
     p.add_argument("--connections", type=int, default=100000, help="fuzz connections at most")
     p.add_argument("--concurrency", type=int, default=40, help="fuzz connections at a time")
@@ -1018,30 +1014,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-fuzz-"))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    rds = gw = None
-    children: list[mp.Process] = []
-    try:
-        rds = RedisProc().start()
-        env = {"WS_HEARTBEAT_INTERVAL": args.heartbeat, "WS_MAX_MESSAGE_SIZE": MAX_MESSAGE,
-               "WS_STATS_INTERVAL": 5, **ONE_ADDRESS_ENV}
-        env.update(dict(kv.split("=", 1) for kv in args.gateway_env))
-        gw = GatewayProc(rds.url, workdir / "gateway.log", **env).start()
-        gw.wait_ready(rds)
-        return run(args, rds, gw, children, workdir)
-    except HarnessError as exc:
-        say(f"fuzz_live: cannot run: {exc}")
-        return 2
-    finally:
-        for c in children:
-            if c.is_alive():
-                c.terminate()
-                c.join(5)
-        if gw is not None:
-            gw.kill()
-        if rds is not None:
-            rds.stop()
+    env = {"WS_HEARTBEAT_INTERVAL": args.heartbeat, "WS_MAX_MESSAGE_SIZE": MAX_MESSAGE,
+           "WS_STATS_INTERVAL": 5}
+    return run_session("fuzz_live", args, env,
+                       lambda rds, gw, children, workdir: run(args, rds, gw, children, workdir))
 
 
 def run(args, rds, gw, children, workdir) -> int:
@@ -1123,8 +1099,8 @@ def run(args, rds, gw, children, workdir) -> int:
     held, gauge, metrics_served = None, None, False
     deadline2 = time.monotonic() + 15
     while alive and time.monotonic() < deadline2:
-        held = len(soak.gateway_side_established(gw.port, (soak.TCP_ESTABLISHED, soak.TCP_CLOSE_WAIT)))
-        m = soak.scrape_metrics(gw.port)
+        held = len(tcp_peer_ports(gw.port, (TCP_ESTABLISHED, TCP_CLOSE_WAIT)))
+        m = scrape_metrics(gw.port)
         metrics_served = metrics_served or m is not None
         gauge = m.get("gateway_connections") if m else None
         if held == args.watchers and gauge in (None, args.watchers):
@@ -1151,7 +1127,7 @@ def report(args, results, elapsed, samples, baseline, rss_end, alive, exit_code,
 
     say(f"\n== Fuzz connections: {len(results)} in {elapsed:.1f} s (seed {args.seed}) ==")
     by_case: dict[str, Counter] = {}
-    for _, name, variant, outcome, *_ in results:
+    for _, name, _variant, outcome, *_ in results:
         by_case.setdefault(name, Counter())[outcome] += 1
     for name in CASES:
         if name in by_case:
@@ -1161,13 +1137,13 @@ def report(args, results, elapsed, samples, baseline, rss_end, alive, exit_code,
             say(f"  {name:<22}{sum(outs.values()):>6}  {top}{more}")
 
     findings: dict[str, list[int]] = {}
-    for index, name, variant, outcome, finding, *_ in results:
+    for index, name, _variant, _outcome, finding, *_ in results:
         if finding:
             findings.setdefault(f"{name}: {finding}", []).append(index)
     say(f"\n== Findings: {len(findings)} kind(s) ==")
     for text, idx in sorted(findings.items(), key=lambda kv: -len(kv[1])):
         say(f"  x{len(idx):<4} {text}")
-        say(f"        replay: scripts/fuzz_live.py --seed {args.seed} --only "
+        say(f"        replay: python -m gateway._testbase.fuzz --seed {args.seed} --only "
             f"{','.join(map(str, idx[:3]))} -v")
     harness = sum(1 for r in results if r[3].startswith("HARNESS ERROR"))
     if harness:
@@ -1232,7 +1208,7 @@ def report(args, results, elapsed, samples, baseline, rss_end, alive, exit_code,
         for index, name, variant, outcome, *_ in sorted(suspects)[:20]:
             say(f"    #{index} {name} [{variant}] -> {outcome}")
         if suspects:
-            say(f"    replay: scripts/fuzz_live.py --seed {args.seed} --only "
+            say(f"    replay: python -m gateway._testbase.fuzz --seed {args.seed} --only "
                 f"{','.join(str(r[0]) for r in sorted(suspects)[:20])} -v")
     elif exit_code != 0:
         failures.append(f"gateway exit code on SIGTERM was {exit_code}")
@@ -1241,17 +1217,11 @@ def report(args, results, elapsed, samples, baseline, rss_end, alive, exit_code,
         for block in log.split("Traceback (most recent call last)")[1:3]:
             say("  traceback:" + "\n    ".join(block.splitlines()[:14]))
 
-    passed = not failures
-    say(f"\nVERDICT: {'PASS' if passed else 'FAIL'}: {len(results)} fuzz connections, "
+    return soak.verdict(
+        f"{len(results)} fuzz connections, "
         f"gateway {'alive' if alive else 'DEAD'}, RSS peak +{(peak - baseline) / 1024:.1f} MB "
         f"(bound {args.rss_bound_mb:g}), watchers lost {sum(r['lost'] for r in rows)}, "
-        f"{len(findings)} finding kind(s)")
-    for f in failures:
-        say(f"  FAIL: {f}")
-    if passed and not args.keep_logs:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(log_path.parent)
-    return 0 if passed else 1
+        f"{len(findings)} finding kind(s)", failures, args, log_path)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-#!/usr/bin/env python3
 """Soak test: the gateway under mixed load for a while, with Redis restarts.
 
-    .venv/bin/python scripts/soak.py --duration 600
-    .venv/bin/python scripts/soak.py --duration 60 --clients 50 --rate 500   # a quick one
+    .venv/bin/python -m gateway._testbase.soak --duration 600
+    .venv/bin/python -m gateway._testbase.soak --duration 60 --clients 50 --rate 500   # a quick one
 
 It starts its own redis-server (a free loopback port, never 6379) and the
-gateway (``python -m gateway`` as a subprocess, cwd = the repository), then
+gateway (``python -m gateway`` as a subprocess, run from the directory that
+holds this ``gateway`` package), then
 for --duration seconds runs all of this at once:
 
   healthy    --clients WebSocket clients, each holding --symbols-per-client
@@ -65,11 +65,8 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
-import base64
 import bisect
 import contextlib
-import ctypes
-import http.client
 import multiprocessing as mp
 import os
 import random
@@ -79,7 +76,6 @@ import signal
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -90,338 +86,28 @@ from pathlib import Path
 import orjson
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+from . import ws as wire
+from .loops import run_loop
+from .net import HOST, HarnessError, readyz, scrape_metrics
+from .process import ONE_ADDRESS_ENV, GatewayProcess, die_with_parent
+from .procfs import TCP_ESTABLISHED, tcp_peer_ports
+from .redis import RedisServer
+from .ws import FrameParser, close_code, frame, rst, rst_socket, split_http_head, text_frame, upgrade_request
+
 CHANNEL_PREFIX = "channel:trade:"
-HOST = "127.0.0.1"
 
 
-# ---------------------------------------------------------------------------
-# processes: redis-server and the gateway
-# ---------------------------------------------------------------------------
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
-        if port != 6379:  # never the default Redis port, even by accident
-            return port
+def start_gateway(rds: RedisServer, log_path: Path, **env) -> GatewayProcess:
+    """The gateway under test: INFO log to ``log_path``, killed if the harness dies."""
+    return GatewayProcess(rds.url, log_path=log_path, die_with_parent=True, LOG_LEVEL="INFO",
+                          **env).start()
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when the harness dies, however it dies
-    (a test timeout kills the harness with SIGKILL and runs no cleanup)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class RedisProc:
-    """A redis-server this harness owns: no persistence, loopback only."""
-
-    def __init__(self, port: int | None = None):
-        self.port = port or free_port()
-        assert self.port != 6379
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}"
-
-    def start(self, timeout: float = 10) -> "RedisProc":
-        if not os.path.exists(REDIS_SERVER):
-            raise HarnessError("redis-server is not installed")
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", HOST, "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        raise HarnessError(f"redis-server did not start on port {self.port}")
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to its clients, its output buffers are lost."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def client(self, **kw) -> redis.Redis:
-        # No retries: a retried pipeline would publish twice what Redis had
-        # already taken before the connection dropped.
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-        kw.setdefault("socket_timeout", 2)
-        kw.setdefault("socket_connect_timeout", 0.5)
-        return redis.Redis(host=HOST, port=self.port, retry=Retry(NoBackoff(), 0), **kw)
-
-    def numpat(self) -> int:
-        """Patterns subscribed in Redis: 1 once the gateway's PSUBSCRIBE is in."""
-        try:
-            return int(self.client().execute_command("PUBSUB", "NUMPAT"))
-        except redis.RedisError:
-            return -1
-
-
-# All load comes from 127.0.0.1: lift the per-address connection limits the
-# gateway may apply (settings it does not know are ignored).
-ONE_ADDRESS_ENV = {"WS_MAX_CONNECTIONS_PER_IP": "0", "WS_CONNECT_RATE": "0"}
-
-
-class GatewayProc:
-    """``python -m gateway`` on a free port; its log goes to a file."""
-
-    def __init__(self, redis_url: str, log_path: Path, **env_extra):
-        self.port = free_port()
-        self.log_path = log_path
-        self.env = dict(os.environ)
-        self.env.pop("GATEWAY_NO_EXTENSIONS", None)
-        self.env.update({"WS_HOST": HOST, "WS_PORT": str(self.port), "REDIS_URL": redis_url,
-                         "LOG_LEVEL": "INFO"})
-        self.env.update({k: str(v) for k, v in env_extra.items()})
-        self.proc: subprocess.Popen | None = None
-        self._log = None
-
-    def start(self) -> "GatewayProc":
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway"], env=self.env, cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
-        return self
-
-    def wait_ready(self, redis_proc: RedisProc, timeout: float = 20) -> None:
-        """Listening, and its pattern subscription is in Redis."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise HarnessError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                socket.create_connection((HOST, self.port), timeout=0.2).close()
-                if redis_proc.numpat() >= 1:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise HarnessError(f"gateway not ready within {timeout:.0f} s:\n{self.log_tail()}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def rss_kb(self) -> int | None:
-        return read_rss_kb(self.pid)
-
-    def cpu_seconds(self) -> float | None:
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        # utime and stime: fields 14 and 15 of stat, 12 and 13 after the ")".
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self, timeout: float = 10) -> int | None:
-        """SIGTERM and wait; the exit code, or None if it had to be killed."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                self._close_log()
-                return None
-        self._close_log()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n: int = 30) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-
-def read_rss_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class HarnessError(Exception):
-    """The harness could not set itself up (not a gateway failure)."""
-
-
-# ---------------------------------------------------------------------------
-# optional HTTP endpoints on the WebSocket port
-# ---------------------------------------------------------------------------
-
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
-    """(status, body), or None when nothing sensible answered."""
-    try:
-        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        body = resp.read()
-        conn.close()
-        return resp.status, body
-    except (OSError, http.client.HTTPException):
-        return None
-
-
-def scrape_metrics(port: int) -> dict[str, float] | None:
-    """``/metrics`` as {'name{labels}': value}; None if it is not served."""
-    got = http_get(port, "/metrics")
-    if got is None or got[0] != 200:
-        return None
-    out = {}
-    for line in got[1].decode(errors="replace").splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                out[name] = float(value)
-    return out or None
-
-
-def readyz(port: int) -> int | None:
-    """/readyz status code when served (200 or 503), else None."""
-    got = http_get(port, "/readyz", timeout=1.0)
-    return got[0] if got is not None and got[0] in (200, 503) else None
-
-
-# ---------------------------------------------------------------------------
-# WebSocket framing, by hand: the clients must be able to do what the test
-# tells them (never read, RST, send malformed frames) and cost little CPU.
-# ---------------------------------------------------------------------------
-
-def upgrade_request(port: int, path: str = "/", key: str | None = None) -> bytes:
-    key = key or base64.b64encode(os.urandom(16)).decode()
-    return (f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
-
-
-def apply_mask(payload: bytes, key: bytes) -> bytes:
-    """XOR with the 4-byte key, as one big-integer operation (fast for 100 KB)."""
-    n = len(payload)
-    if n == 0:
-        return b""
-    k = (bytes(key) * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(k, "little")).to_bytes(n, "little")
-
-
-def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool = True,
-          rsv: int = 0, length: int | None = None, key: bytes | None = None) -> bytes:
-    """One client frame. ``length`` overrides the length field (to lie about it)."""
-    n = len(payload) if length is None else length
-    b0 = (0x80 if fin else 0) | ((rsv & 7) << 4) | (opcode & 0x0F)
-    mbit = 0x80 if mask else 0
-    if n < 126:
-        head = bytes([b0, mbit | n])
-    elif n < 65536:
-        head = bytes([b0, mbit | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([b0, mbit | 127]) + (n & (2**64 - 1)).to_bytes(8, "big")
-    if not mask:
-        return head + payload
-    key = key or os.urandom(4)
-    return head + key + apply_mask(payload, key)
-
-
-def text_frame(obj) -> bytes:
-    return frame(0x1, orjson.dumps(obj))
-
-
-def close_code(payload: bytes) -> int | None:
-    return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
-
-
-class FrameParser:
-    """Incremental RFC 6455 frame parser: feed bytes, get (fin, opcode, payload),
-    or (fin, opcode, payload, rsv) with ``rsv=True``."""
-
-    def __init__(self, rsv: bool = False):
-        self.buf = bytearray()
-        self.rsv = rsv
-
-    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        buf = self.buf
-        buf += data
-        out = []
-        pos, n = 0, len(buf)
-        while n - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length, hdr = b1 & 0x7F, 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length, hdr = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length, hdr = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
-            masked = b1 & 0x80
-            if masked:
-                hdr += 4
-            if n - pos < hdr + length:
-                break
-            payload = bytes(buf[pos + hdr:pos + hdr + length])
-            if masked:
-                payload = apply_mask(payload, buf[pos + hdr - 4:pos + hdr])
-            if self.rsv:
-                out.append((b0 >> 7, b0 & 0x0F, payload, (b0 >> 4) & 7))
-            else:
-                out.append((b0 >> 7, b0 & 0x0F, payload))
-            pos += hdr + length
-        if pos:
-            del buf[:pos]
-        return out
-
-
-def split_http_head(buf: bytes) -> tuple[bytes, bytes] | None:
-    """(status line + headers, rest) once a full HTTP head is in ``buf``."""
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    return buf[:end], buf[end + 4:]
+def redis_client(port: int) -> redis.Redis:
+    """A publisher's client: short timeouts, and no retries (a retried pipeline
+    would publish twice what Redis had already taken before the connection
+    dropped)."""
+    return RedisServer(port).client(retry=False, socket_timeout=2, socket_connect_timeout=0.5)
 
 
 # ---------------------------------------------------------------------------
@@ -475,15 +161,15 @@ class HealthyClient(asyncio.Protocol):
                 self._fail(f"upgrade refused: {head[:60]!r}")
                 return
             self.upgraded = True
-        for fin, opcode, payload in self.parser.feed(data):
+        for f in self.parser.feed(data):
+            opcode, payload = f.opcode, f.payload
             if opcode == 0x1:
                 self._on_text(payload)
             elif opcode == 0x9:
                 self.pings += 1
                 self.transport.write(frame(0xA, payload))
-            elif opcode == 0x8:
-                if not self.closing:
-                    self.disconnected = f"close {close_code(payload)} {payload[2:60]!r}"
+            elif opcode == 0x8 and not self.closing:
+                self.disconnected = f"close {close_code(payload)} {payload[2:60]!r}"
 
     def _on_text(self, payload: bytes) -> None:
         msg = orjson.loads(payload)
@@ -573,7 +259,7 @@ async def open_healthy(port: int, indices, names, per_client, timeout=30.0):
 
 def healthy_process(port, indices, names, per_client, ready_q, stop_evt, result_q):
     """Child process: hold the healthy clients until told to stop."""
-    _die_with_parent()
+    die_with_parent()
 
     async def main():
         try:
@@ -593,14 +279,6 @@ def healthy_process(port, indices, names, per_client, ready_q, stop_evt, result_
         result_q.put({"clients": results, "latency_ms": LATENCY_MS, "cpu_share": cpu / wall})
 
     run_loop(main())
-
-
-def run_loop(coro):
-    try:
-        import uvloop
-        uvloop.run(coro)
-    except ImportError:
-        asyncio.run(coro)
 
 
 # ---------------------------------------------------------------------------
@@ -643,8 +321,8 @@ def publisher_process(redis_port, names, rate, zipf, t0, duration, seed, result_
     PUBLISH returned (receivers, or PUB_FAILED) and when the reply came
     (monotonic clock, shared by all processes on Linux).
     """
-    _die_with_parent()
-    r = RedisProc(redis_port).client()
+    die_with_parent()
+    r = redis_client(redis_port)
     rng = random.Random(seed)
     channels = [(CHANNEL_PREFIX + s).encode() for s in names]
     cum = symbol_weights(len(names), zipf)
@@ -673,7 +351,7 @@ def publisher_process(redis_port, names, rate, zipf, t0, duration, seed, result_
                 replies = [PUB_FAILED] * len(picks)
                 failures += 1
             t_ack = time.monotonic()
-            for s, rep in zip(picks, replies):
+            for s, rep in zip(picks, replies, strict=False):
                 status[s].append(rep)
                 acked_at[s].append(t_ack)
             sent = due
@@ -686,68 +364,30 @@ def publisher_process(redis_port, names, rate, zipf, t0, duration, seed, result_
 # churn and stalled clients
 # ---------------------------------------------------------------------------
 
-async def read_frames(reader, parser, want, timeout):
-    """Read until ``want(fin, opcode, payload)`` is true for a frame; that frame."""
-    async def go():
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("EOF")
-            for f in parser.feed(data):
-                if want(*f):
-                    return f
-    return await asyncio.wait_for(go(), timeout)
-
-
-async def ws_open(port: int, timeout: float = 5.0):
-    """(reader, writer, parser, bytes after the head) after a 101."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
-    writer.write(upgrade_request(port))
-    head = b""
-    deadline = time.monotonic() + timeout
-    while (parts := split_http_head(head)) is None:
-        data = await asyncio.wait_for(reader.read(4096), max(0.01, deadline - time.monotonic()))
-        if not data:
-            raise ConnectionError("EOF during upgrade")
-        head += data
-    if not parts[0].startswith(b"HTTP/1.1 101"):
-        raise ConnectionError(f"upgrade refused: {parts[0][:40]!r}")
-    return reader, writer, FrameParser(), parts[1]
-
-
-def rst(writer) -> None:
-    """Drop the connection with a RST (SO_LINGER 0), no FIN, no close frame."""
-    sock = writer.get_extra_info("socket")  # None once the transport is closed
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
 def is_reply(kind):
-    def want(fin, opcode, payload):
-        return opcode == 0x1 and orjson.loads(payload).get("type") in kind
+    def want(f):
+        return f.opcode == 0x1 and orjson.loads(f.payload).get("type") in kind
     return want
 
 
 async def churn_cycle(port, rng, names, counts):
-    reader, writer, parser, rest = await ws_open(port)
+    reader, writer, parser, rest = await wire.open_async(port)
     try:
         welcome = parser.feed(rest)
         if not welcome:
-            await read_frames(reader, parser, lambda *f: True, 5)
+            await wire.read_frames(reader, parser, lambda f: True, 5)
         syms = rng.sample(names, rng.randint(1, min(5, len(names))))
         writer.write(text_frame({"action": "subscribe", "symbols": syms}))
-        await read_frames(reader, parser, is_reply(("success", "error")), 5)
+        await wire.read_frames(reader, parser, is_reply(("success", "error")), 5)
         # Take some trades for a moment, so the gateway writes to this one.
         linger = rng.uniform(0, 0.3)
         with contextlib.suppress(asyncio.TimeoutError):
-            await read_frames(reader, parser, lambda *f: False, linger)
+            await wire.read_frames(reader, parser, lambda f: False, linger)
         mode = rng.choice(("close", "fin", "rst"))
         if mode == "close":
             writer.write(frame(0x8, struct.pack("!H", 1000)))
             with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-                await read_frames(reader, parser, lambda fin, op, p: op == 0x8, 2)
+                await wire.read_frames(reader, parser, lambda f: f.opcode == 0x8, 2)
             writer.close()
         elif mode == "fin":
             writer.close()
@@ -761,54 +401,22 @@ async def churn_cycle(port, rng, names, counts):
 
 def open_stalled(port: int, symbols: list[str], rcvbuf: int = 2048) -> socket.socket:
     """Blocking: a client with a tiny receive buffer that subscribes, then never reads."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
-    s.settimeout(5)
-    s.connect((HOST, port))
-    s.sendall(upgrade_request(port))
-    head = b""
-    while split_http_head(head) is None:
-        data = s.recv(4096)
-        if not data:
-            raise ConnectionError("EOF during upgrade")
-        head += data
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise ConnectionError("upgrade refused")
-    s.sendall(text_frame({"action": "subscribe", "symbols": symbols}))
-    return s
-
-
-TCP_ESTABLISHED, TCP_CLOSE_WAIT = "01", "08"  # states in /proc/net/tcp
+    client = wire.connect(port, rcvbuf=rcvbuf)
+    client.send_text({"action": "subscribe", "symbols": symbols})
+    return client.sock
 
 
 def gateway_side_established(gw_port: int, states=(TCP_ESTABLISHED,)) -> set[int]:
-    """Client ports of loopback connections whose gateway end is in ``states``.
-
-    The gateway end is the socket whose local port is the gateway's; it leaves
-    ESTABLISHED when the gateway closes it (or CLOSE_WAIT, when the client
-    closed first and the gateway followed).
-    """
-    out = set()
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            parts = line.split(None, 4)
-            local, remote, state = parts[1], parts[2], parts[3]
-            if state in states and int(local.rsplit(":", 1)[1], 16) == gw_port:
-                out.add(int(remote.rsplit(":", 1)[1], 16))
-    return out
-
-
-def rst_socket(s: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.close()
+    """Client ports of loopback connections whose gateway end is in ``states``:
+    it leaves ESTABLISHED when the gateway closes it (or CLOSE_WAIT, when the
+    client closed first and the gateway followed)."""
+    return tcp_peer_ports(gw_port, states)
 
 
 def churn_process(port, names, rate, concurrency, stalled, heartbeat, policy, seed, stop_evt,
                   result_q):
     """Child process: churn cycles at ``rate``/s and ``stalled`` never-reading clients."""
-    _die_with_parent()
+    die_with_parent()
     counts: dict[str, int] = {}
     errors: dict[str, int] = {}
     stall = {kind: {"opened": 0, "cut_off": 0, "cutoff_s": [], "stuck": 0}
@@ -967,9 +575,9 @@ def classify(pub: dict, restarts: list[Restart], grace: float) -> dict[str, byte
     windows = sorted((r.kill_at - grace, r.up_at or float("inf")) for r in restarts)
     starts = [w[0] for w in windows]
     out = {}
-    for name, status, acked in zip(pub["names"], pub["status"], pub["acked_at"]):
+    for name, status, acked in zip(pub["names"], pub["status"], pub["acked_at"], strict=False):
         cls = bytearray(len(status))
-        for i, (st, t) in enumerate(zip(status, acked)):
+        for i, (st, t) in enumerate(zip(status, acked, strict=False)):
             if st < 1:
                 cls[i] = NOT_EXPECTED
             else:
@@ -1038,14 +646,14 @@ def rss_verdict(samples, duration, warmup, pct, mb):
     last = [kb for t, kb in samples if t >= 2 * duration / 3]
     if not first or not last:
         return False, None, None, "too few RSS samples to judge"
-    f, l = statistics.median(first), statistics.median(last)
+    f, lt = statistics.median(first), statistics.median(last)
     limit = max(f * pct / 100, mb * 1024)
-    grow = l - f
+    grow = lt - f
     text = (f"first third median {f / 1024:.1f} MB (t {warmup:.0f}-{duration / 3:.0f} s, "
-            f"{len(first)} samples), last third {l / 1024:.1f} MB ({len(last)} samples): "
+            f"{len(first)} samples), last third {lt / 1024:.1f} MB ({len(last)} samples): "
             f"{grow / 1024:+.1f} MB ({100 * grow / f:+.1f}%), "
             f"limit +{limit / 1024:.1f} MB = max({pct:g}%, {mb:g} MB)")
-    return grow <= limit, f, l, text
+    return grow <= limit, f, lt, text
 
 
 STATS_RE = re.compile(r"stats: (.*)$")
@@ -1064,7 +672,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Soak the gateway: healthy clients, churn, stalled clients and Redis "
                     "restarts at once; RSS over time; loss accounting. Exit 0 pass, 1 fail.",
-        epilog="See the module docstring (scripts/soak.py) for what is expected and the verdict.")
+        epilog="See the module docstring (gateway/_testbase/soak.py) for what is expected and "
+               "the verdict.")
     p.add_argument("--duration", type=float, default=600, help="seconds of load (default 600)")
     p.add_argument("--clients", type=int, default=200, help="healthy clients (default 200)")
     p.add_argument("--symbols", type=int, default=50, help="symbols published (default 50)")
@@ -1121,24 +730,26 @@ def say(*a) -> None:
     print(*a, flush=True)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-soak-"))
+def run_session(tool: str, args, env: dict, body, finally_last=None) -> int:
+    """Start redis-server and the gateway (``env``, then --gateway-env), call
+    ``body(rds, gw, children, workdir)`` and return what it returns; 2 when
+    the harness cannot start. Child processes ``body`` appends to
+    ``children``, the gateway and Redis are stopped on the way out, then
+    ``finally_last()`` runs.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=f"gateway-{tool}-"))
     # SIGTERM (e.g. from a test runner) unwinds through the cleanup below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     rds = gw = None
     children: list[mp.Process] = []
-    stop_restarts = threading.Event()  # set last: the restart thread owns redis-server
     try:
-        rds = RedisProc().start()
-        env = {"WS_HEARTBEAT_INTERVAL": args.heartbeat, "WS_STATS_INTERVAL": 10,
-               "WS_MAX_BUFFERED_BYTES": args.max_buffered_bytes, **ONE_ADDRESS_ENV}
-        env.update(dict(kv.split("=", 1) for kv in args.gateway_env))
-        gw = GatewayProc(rds.url, workdir / "gateway.log", **env).start()
-        gw.wait_ready(rds)
-        return run(args, rds, gw, children, stop_restarts, workdir)
+        rds = RedisServer(die_with_parent=True).start()
+        env = {**env, **ONE_ADDRESS_ENV, **dict(kv.split("=", 1) for kv in args.gateway_env)}
+        gw = start_gateway(rds, workdir / "gateway.log", **env)
+        gw.wait_ready()
+        return body(rds, gw, children, workdir)
     except HarnessError as exc:
-        say(f"soak: cannot run: {exc}")
+        say(f"{tool}: cannot run: {exc}")
         return 2
     finally:
         for c in children:
@@ -1149,7 +760,19 @@ def main(argv=None) -> int:
             gw.kill()
         if rds is not None:
             rds.stop()
-        stop_restarts.set()
+        if finally_last is not None:
+            finally_last()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    stop_restarts = threading.Event()  # set last: the restart thread owns redis-server
+    env = {"WS_HEARTBEAT_INTERVAL": args.heartbeat, "WS_STATS_INTERVAL": 10,
+           "WS_MAX_BUFFERED_BYTES": args.max_buffered_bytes}
+    return run_session(
+        "soak", args, env,
+        lambda rds, gw, children, workdir: run(args, rds, gw, children, stop_restarts, workdir),
+        finally_last=stop_restarts.set)
 
 
 def run(args, rds, gw, children, stop_restarts, workdir) -> int:
@@ -1382,14 +1005,20 @@ def report(args, samples, gw_died_at, alive_at_end, exit_code, log, pub, healthy
     if not flat:
         failures.append(f"RSS not flat: {rss_text}")
 
-    passed = not failures
     loss_text = (f"{tot['lost']} of {tot['expected']} expected deliveries lost, "
                  f"{tot['ooo']} out of order, {len(disconnected)} healthy disconnects "
                  f"(at risk: {tot['at_risk'] - tot['at_risk_lost']} delivered, "
                  f"{tot['at_risk_lost']} lost, not counted)")
     rss_short = (f"RSS {'flat' if flat else 'NOT flat'} "
                  f"({f_kb / 1024:.1f} -> {l_kb / 1024:.1f} MB)" if f_kb else "RSS unknown")
-    say(f"\nVERDICT: {'PASS' if passed else 'FAIL'}: {rss_short}; {loss_text}")
+    return verdict(f"{rss_short}; {loss_text}", failures, args, log_path)
+
+
+def verdict(headline: str, failures: list[str], args, log_path: Path) -> int:
+    """Print the VERDICT line and each failure; on a pass remove the run's
+    directory (the log's) unless --keep-logs. The exit status: 0 pass, 1 fail."""
+    passed = not failures
+    say(f"\nVERDICT: {'PASS' if passed else 'FAIL'}: {headline}")
     for f in failures:
         say(f"  FAIL: {f}")
     if passed and not args.keep_logs:
