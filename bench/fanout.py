@@ -9,6 +9,15 @@ process:
     purepy     GATEWAY_NO_EXTENSIONS=1 python -m gateway
     baseline   python bench/baseline_gateway.py  (websockets + redis-py + json)
 
+    compiled@REV, purepy@REV
+               the gateway of git revision REV (a branch, tag or hash of this
+               repository), exported with `git archive` to a temporary
+               directory, its extension built there in place, and run with cwd
+               and PYTHONPATH set to it; reported as e.g. compiled@1c8e02a, so
+               one run sets the working tree against a revision
+               (--variants compiled,compiled@main).  The load tools and this
+               harness are always the working tree's.
+
 The gateway runs alone on CPU 0 (taskset -c 0); Redis, the C publisher and the
 C epoll load client share CPU 1 with this script.  Gateway CPU is read from
 /proc/PID/stat (utime+stime) just before the publisher starts and just after
@@ -33,7 +42,7 @@ repeats), and the report sets each against that plain run.  They apply to
 compiled and purepy; the baseline has neither JWT nor a shared compressor.
 
 Usage:
-    python bench/fanout.py [--variants compiled,purepy,baseline]
+    python bench/fanout.py [--variants compiled,purepy,baseline,compiled@REV,purepy@REV]
                            [--scenarios protocol,market,wide,latency,memory,hot,
                                         market-deflate,market-mixed,market-auth]
                            [--smoke] [--repeat N] [--out bench/results.json]
@@ -70,6 +79,9 @@ GATEWAY_CPU = 0
 AUX_CPU = 1
 CHANNEL_PREFIX = "channel:trade:"
 ALL_VARIANTS = ["compiled", "purepy", "baseline"]
+# Kinds that can also run from another git revision (KIND@REV).  The baseline
+# is bench code, not the gateway: it has no revision to compare.
+REV_KINDS = ("compiled", "purepy")
 ALL_SCENARIOS = ["protocol", "market", "wide", "latency", "memory", "hot",
                  "market-deflate", "market-mixed", "market-auth"]
 # The market workload with one feature switched on.  Each is measured against
@@ -128,7 +140,7 @@ class Procs:
         self.live: list[subprocess.Popen] = []
 
     def start(self, argv, *, cpu: int | None, log: Path | None = None, env=None,
-              stdout=None, nofile: int | None = None) -> subprocess.Popen:
+              stdout=None, nofile: int | None = None, cwd: Path | None = None) -> subprocess.Popen:
         if cpu is not None and shutil.which("taskset"):
             argv = ["taskset", "-c", str(cpu), *argv]
 
@@ -146,7 +158,7 @@ class Procs:
         try:
             p = subprocess.Popen(argv, stdout=stdout if stdout is not None else (logf or subprocess.DEVNULL),
                                  stderr=logf or subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                 env=env, preexec_fn=preexec, cwd=ROOT)
+                                 env=env, preexec_fn=preexec, cwd=cwd or ROOT)
         finally:
             if logf:
                 logf.close()      # the child has its own copy
@@ -352,22 +364,146 @@ class Redis:
 
 # -------------------------------------------------------------- gateway ----
 
+def parse_variant(spec: str) -> tuple[str, str | None]:
+    """`compiled` -> ("compiled", None); `compiled@main` -> ("compiled", "main").
+    Raises ValueError for an unknown kind, an empty revision or `baseline@REV`."""
+    kind, sep, rev = spec.partition("@")
+    if kind not in ALL_VARIANTS:
+        raise ValueError(f"unknown variant {spec!r} (kinds: {', '.join(ALL_VARIANTS)})")
+    if not sep:
+        return kind, None
+    if kind not in REV_KINDS:
+        raise ValueError(f"{spec!r}: only {' and '.join(REV_KINDS)} run from another revision")
+    if not rev or rev != rev.strip() or rev.startswith("-"):
+        raise ValueError(f"{spec!r}: no revision after '@'")
+    return kind, rev
+
+
+def variant_kind(variant: str) -> str:
+    """compiled, purepy or baseline, for a plain or a resolved KIND@HASH name."""
+    return variant.partition("@")[0]
+
+
+def resolve_rev(rev: str) -> tuple[str, str]:
+    """(full hash, short hash) of a revision of the repository holding this script."""
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise ValueError(f"revision {rev!r}: {(r.stderr.strip() or 'not found').splitlines()[-1]}")
+        return r.stdout.strip()
+    full = git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
+    return full, git("rev-parse", "--short", full)
+
+
+@dataclass
+class RevSource:
+    """Where a KIND@REV variant comes from."""
+    rev: str                  # as given: main, HEAD~3, 1c8e02a
+    commit: str               # full hash
+    tree: Path | None = None  # exported and built (set by RevTrees.build)
+    build_s: float | None = None
+    gateway_file: str | None = None   # what `import gateway` finds there
+
+
+# resolved variant name (compiled@1c8e02a) -> its source; filled by parse_args
+REV_SOURCES: dict[str, RevSource] = {}
+
+
+class RevTrees:
+    """One exported and built tree per commit, all under one temporary
+    directory that cleanup() removes (main() calls it in `finally`, which runs
+    on an error, Ctrl-C and SIGTERM alike)."""
+
+    def __init__(self) -> None:
+        self.base: Path | None = None
+        self.trees: dict[str, Path] = {}
+
+    def build(self, commit: str, short: str) -> tuple[Path, float]:
+        if commit in self.trees:
+            return self.trees[commit], 0.0
+        if self.base is None:
+            self.base = Path(tempfile.mkdtemp(prefix="gateway-bench-rev-"))
+        tree = self.base / short
+        tree.mkdir()
+        t = time.monotonic()
+        # git archive, not git worktree: nothing is registered in the repository.
+        archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", "--format=tar", commit],
+                                   stdout=subprocess.PIPE)
+        try:
+            untar = subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout,
+                                   capture_output=True, timeout=120)
+        finally:
+            archive.stdout.close()
+            archive.wait(30)
+        if archive.returncode != 0 or untar.returncode != 0:
+            raise HarnessError(f"exporting {short} failed: {untar.stderr.decode(errors='replace')}")
+        env = dict(os.environ)
+        env.pop("GATEWAY_DEBUG", None)
+        env.pop("GATEWAY_ANNOTATE", None)
+        r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree,
+                           env=env, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise HarnessError(f"building the extension of {short} failed:\n{r.stderr[-3000:]}")
+        self.trees[commit] = tree
+        return tree, time.monotonic() - t
+
+    def cleanup(self) -> None:
+        if self.base is not None:
+            shutil.rmtree(self.base, ignore_errors=True)
+            self.base = None
+            self.trees.clear()
+
+
+def gateway_source(variant: str) -> tuple[Path, dict]:
+    """cwd for a gateway variant and the environment entries it needs: the
+    working tree, or the exported tree of its revision (also on PYTHONPATH, so
+    neither the caller's PYTHONPATH nor an editable install of another checkout
+    can take its place)."""
+    src = REV_SOURCES.get(variant)
+    if src is None:
+        return ROOT, {}
+    if src.tree is None:
+        raise HarnessError(f"{variant}: its tree was not built")
+    return src.tree, {"PYTHONPATH": str(src.tree)}
+
+
 def variant_available(variant: str) -> tuple[bool, str]:
-    if variant == "baseline":
+    kind = variant_kind(variant)
+    if kind == "baseline":
         return True, ""
-    probe = ("import gateway._fastpath" if variant == "compiled" else "import gateway")
+    probe = ("import gateway._fastpath" if kind == "compiled" else "import gateway")
+    probe += "; import gateway as g; print(g.__file__)"
+    cwd, extra = gateway_source(variant)
     env = dict(os.environ)
-    if variant == "purepy":
+    env.update(extra)
+    if kind == "purepy":
         env["GATEWAY_NO_EXTENSIONS"] = "1"
     try:
-        r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
+        r = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=env,
                            capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         return False, f"`{probe}` timed out"
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1]
         return False, f"`{probe}` failed: {tail}"
+    src = REV_SOURCES.get(variant)
+    if src is not None:
+        found = (r.stdout.strip().splitlines() or [""])[-1]
+        src.gateway_file = found
+        if not Path(found).resolve().is_relative_to(src.tree.resolve()):
+            raise HarnessError(f"{variant}: `import gateway` found {found}, not the tree {src.tree}")
     return True, ""
+
+
+def mapped_fastpath(pid: int) -> str | None:
+    """Path of the compiled fast path a running gateway has loaded, if any."""
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").split(None, 5)[-1]
+                if "/gateway/_fastpath" in path and path.endswith(".so"):
+                    return path
+    return None
 
 
 class Gateway:
@@ -391,15 +527,19 @@ class Gateway:
         for k in ("WS_JWT_SECRET", "WS_JWT_PUBLIC_KEY", "WS_COMPRESSION"):
             env.pop(k, None)
         env.update(extra_env or {})
-        if variant == "baseline":
+        kind = variant_kind(variant)
+        cwd, source_env = gateway_source(variant)
+        env.update(source_env)
+        if kind == "baseline":
             argv = [sys.executable, str(BENCH / "baseline_gateway.py")]
         else:
             argv = [sys.executable, "-m", "gateway"]
-            if variant == "purepy":
+            if kind == "purepy":
                 env["GATEWAY_NO_EXTENSIONS"] = "1"
         if redis.numpat() != 0:
             raise HarnessError("a previous gateway still holds its Redis pattern")
-        self.proc = PROCS.start(argv, cpu=GATEWAY_CPU, log=self.log, env=env, nofile=nofile)
+        self.proc = PROCS.start(argv, cpu=GATEWAY_CPU, log=self.log, env=env, nofile=nofile,
+                                cwd=cwd)
         self.pid = self.proc.pid
         # Ready = accepting TCP and PSUBSCRIBEd (else the first trades are lost).
         deadline = time.monotonic() + 20
@@ -417,6 +557,11 @@ class Gateway:
             except OSError:
                 pass
             time.sleep(0.05)
+        if kind == "compiled" and variant in REV_SOURCES:
+            # The measured process itself, not just the probe, runs that tree's code.
+            so = mapped_fastpath(self.pid)
+            if so is None or not Path(so).resolve().is_relative_to(cwd.resolve()):
+                raise HarnessError(f"{variant} gateway loaded {so}, not {cwd}'s fast path")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -861,7 +1006,7 @@ def market_mode(name: str):
 
 def not_applicable(scen: str, variant: str) -> str | None:
     """Why a scenario does not run on a variant (None: it does)."""
-    if scen in MARKET_MODES and variant == "baseline":
+    if scen in MARKET_MODES and variant_kind(variant) == "baseline":
         return ("the baseline has no JWT check and compresses per connection with "
                 "websockets' own deflate: not the gateway's feature under test")
     return None
@@ -993,7 +1138,7 @@ def scen_protocol(ctx: Ctx, variant: str) -> list[dict]:
     checks: list[dict] = []
     # The byte-for-byte envelope is the gateway's contract; the baseline
     # re-serialises with json.dumps on purpose, so there it is informational.
-    strict_bytes = variant != "baseline"
+    strict_bytes = variant_kind(variant) != "baseline"
     envelope = re.compile(rb'\{"type":"trade","data":(.*),"timestamp":(\d+)\}', re.S)
 
     def check(name: str, ok: bool, detail: str = "", strict: bool = True) -> None:
@@ -1160,8 +1305,13 @@ def fmt(v, spec=".2f", none="-"):
     return format(v, spec)
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], revisions: dict | None = None) -> str:
     out = []
+    for v, src in (revisions or {}).items():
+        out.append(f"- `{v}`: revision `{src['rev']}` = {src['commit']}, "
+                   f"run from its own exported, built tree")
+    if revisions:
+        out.append("")
     by = {}
     for r in results:
         by.setdefault(r["scenario"], []).append(r)
@@ -1223,7 +1373,39 @@ def markdown(results: list[dict]) -> str:
         if bad:
             out.append("")
     compare_modes(results, table, out)
+    compare_revisions(results, table, out)
     return "\n".join(out)
+
+
+def compare_revisions(results: list[dict], table, out: list[str]) -> None:
+    """Each KIND@REV delivery case against the working tree's KIND case of the
+    same scenario, mode and repeat: before/after a change in one run.  CPU per
+    delivery from schedstat (ns), as in compare_modes."""
+    cases = [r for r in results if "deliveries" in r and "@" in r["variant"]]
+    if not cases:
+        return
+    here = {(r["scenario"], r.get("offered_label"), r["variant"], r["repeat"]): r
+            for r in results if "deliveries" in r and "@" not in r["variant"]}
+    rows = []
+    for r in sorted(cases, key=lambda r: (r["scenario"], str(r.get("offered_label")),
+                                          r["variant"], r["repeat"])):
+        kind = variant_kind(r["variant"])
+        w = here.get((r["scenario"], r.get("offered_label"), kind, r["repeat"]))
+        if w is None:
+            continue
+        us_w = w.get("gateway_cpu_us_per_delivery_schedstat")
+        us_r = r.get("gateway_cpu_us_per_delivery_schedstat")
+        scen = r["scenario"] + (f" {r['offered_label']}" if r.get("offered_label") else "")
+        rows.append([scen, r["repeat"], kind, fmt(us_w, ".3f"), r["variant"], fmt(us_r, ".3f"),
+                     f"{us_w / us_r:.2f}x" if us_w and us_r else "-",
+                     fmt(w.get("deliveries_per_s"), ",.0f"), fmt(r.get("deliveries_per_s"), ",.0f"),
+                     w.get("ok") and r.get("ok")])
+    if not rows:
+        return
+    out.append("### working tree vs revision (same invocation)")
+    out.append("")
+    table(["scenario", "rep", "working tree", "gw µs/deliv", "revision", "gw µs/deliv",
+           "CPU tree/rev", "deliveries/s tree", "deliveries/s rev", "ok"], rows)
 
 
 def compare_modes(results: list[dict], table, out: list[str]) -> None:
@@ -1281,11 +1463,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="re-run a case whose gateway core was shared with other tasks "
                         "(default 1, 0 with --smoke)")
     a = p.parse_args(argv)
-    a.variants = [v for v in a.variants.split(",") if v]
     a.scenarios = [s for s in a.scenarios.split(",") if s]
-    for v in a.variants:
-        if v not in ALL_VARIANTS:
-            p.error(f"unknown variant {v}")
+    specs = [v for v in a.variants.split(",") if v]
+    a.variants = []
+    for spec in specs:
+        try:
+            kind, rev = parse_variant(spec)
+            name = kind
+            if rev is not None:
+                full, short = resolve_rev(rev)
+                name = f"{kind}@{short}"
+                REV_SOURCES[name] = RevSource(rev, full)
+        except ValueError as e:
+            p.error(str(e))
+        if name in a.variants:
+            p.error(f"variant {spec} given twice (as {name})")
+        a.variants.append(name)
     for s in a.scenarios:
         if s not in SCENARIOS:
             p.error(f"unknown scenario {s}")
@@ -1305,6 +1498,9 @@ def meta(args) -> dict:
                     if l.startswith("model name")), "")
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke,
             "variants": args.variants, "scenarios": args.scenarios, "repeat": args.repeat,
+            "revisions": {v: {"rev": src.rev, "commit": src.commit, "build_s": src.build_s,
+                              "gateway_file": src.gateway_file}
+                          for v, src in REV_SOURCES.items() if v in args.variants},
             "python": platform.python_version(), "cpu": cpu, "ncpu": os.cpu_count(),
             "kernel": platform.release(),
             "versions": {m: ver(m) for m in ("websockets", "redis", "picows", "hiredis",
@@ -1328,11 +1524,23 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
 
+    trees = RevTrees()
     try:
         tools = build_tools()
+        for v in args.variants:
+            src = REV_SOURCES.get(v)
+            if src is not None and src.tree is None:
+                shared = src.commit in trees.trees
+                src.tree, src.build_s = trees.build(src.commit, v.partition("@")[2])
+                print(f"[rev] {v}: {src.rev} = {src.commit}, " +
+                      ("same tree as above" if shared else
+                       f"exported and built in {src.build_s:.1f} s"), file=sys.stderr)
         redis = Redis(workdir)
         ctx = Ctx(tools, redis, workdir, sizes, args.smoke, results)
         avail = {v: variant_available(v) for v in args.variants}
+        for v, src in REV_SOURCES.items():
+            if v in avail:
+                print(f"[rev] {v}: runs {src.gateway_file}", file=sys.stderr)
 
         def run_case(scen: str, v: str, rep: int) -> None:
             base = {"scenario": scen, "variant": v, "repeat": rep}
@@ -1372,12 +1580,13 @@ def main(argv=None) -> int:
         print(f"harness error: {harness_error}", file=sys.stderr)
     finally:
         PROCS.kill_all()
+        trees.cleanup()
         doc = {"meta": meta(args), "duration_s": time.monotonic() - t_start,
                "harness_error": harness_error, "workdir": str(workdir), "results": results}
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1))
-        print(markdown(results))
+        print(markdown(results, doc["meta"]["revisions"]))
         print(f"\nresults: {out}  ({doc['duration_s']:.1f} s)")
         bad = [r for r in results if not r.get("ok")]
         if args.keep_workdir or bad or harness_error:
