@@ -60,7 +60,6 @@ import json
 import os
 import platform
 import re
-import resource
 import secrets
 import shutil
 import signal
@@ -74,7 +73,13 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The shared harness code of this checkout (not of whatever `gateway` an
+# editable install points at): free ports, redis-server, /proc readers, spawn.
+sys.path.insert(0, str(ROOT))
+from gateway._testbase import procfs  # noqa: E402
+from gateway._testbase.net import HarnessError, port_open  # noqa: E402
+from gateway._testbase.process import GatewayProcess, spawn  # noqa: E402
+from gateway._testbase.redis import RedisServer, redis_installed  # noqa: E402
 GATEWAY_CPU = 0
 AUX_CPU = 1
 CHANNEL_PREFIX = "channel:trade:"
@@ -91,10 +96,6 @@ MARKET_MODES = {
     "market-mixed": {"mode": "mixed", "deflate": 0.5},
     "market-auth": {"mode": "auth", "auth": True},
 }
-
-
-class HarnessError(Exception):
-    """The harness could not run a case (not a finding about the gateway)."""
 
 
 # ---------------------------------------------------------------- sizes ----
@@ -141,27 +142,11 @@ class Procs:
 
     def start(self, argv, *, cpu: int | None, log: Path | None = None, env=None,
               stdout=None, nofile: int | None = None, cwd: Path | None = None) -> subprocess.Popen:
-        if cpu is not None and shutil.which("taskset"):
-            argv = ["taskset", "-c", str(cpu), *argv]
-
-        def preexec() -> None:
-            # Own process group: a signal to the harness does not reach the
-            # gateway mid-measurement, and cleanup can kill each group by id.
-            os.setpgrp()
-            if cpu is not None and not shutil.which("taskset"):
-                os.sched_setaffinity(0, {cpu})
-            if nofile:
-                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-                resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
-
-        logf = open(log, "ab") if log else None
-        try:
-            p = subprocess.Popen(argv, stdout=stdout if stdout is not None else (logf or subprocess.DEVNULL),
-                                 stderr=logf or subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                 env=env, preexec_fn=preexec, cwd=cwd or ROOT)
-        finally:
-            if logf:
-                logf.close()      # the child has its own copy
+        # Own process group: a signal to the harness does not reach the child
+        # mid-measurement, and cleanup can kill each group by id.  A harness
+        # killed outright takes its children with it.
+        p = spawn(argv, env=env, cwd=cwd or ROOT, log=log, stdout=stdout, cpu=cpu,
+                  new_group=True, die_with_parent=True, nofile=nofile)
         self.live.append(p)
         return p
 
@@ -193,83 +178,24 @@ class Procs:
 PROCS = Procs()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def proc_cpu_s(pid: int) -> float:
-    """utime+stime of a process (all threads) in seconds, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_schedstat(pid: int) -> tuple[int, int] | None:
-    """(ns on CPU, ns runnable but waiting for a CPU), summed over the live
-    threads, from /proc/PID/task/*/schedstat.  The first cross-checks the
-    10 ms-granular utime+stime; the second measures interference: time the
-    gateway wanted its core while something else had it."""
-    run = wait = 0
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                fields = f.read().split()
-            run += int(fields[0])
-            wait += int(fields[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return run, wait
-
-
-def cpu_core_times() -> dict[int, list[int]]:
-    """Per-core jiffies from /proc/stat: user nice system idle iowait irq softirq steal."""
-    out = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                name, *vals = line.split()
-                out[int(name[3:])] = [int(v) for v in vals[:8]]
-    return out
-
-
-def core_usage(before: dict, after: dict, core: int) -> dict:
-    """What a core did between two samples, in seconds (busy counts softirq and
-    steal too).  Context only: these counters are tick-sampled, so on a mostly
-    idle core they miss short bursts; the per-process figures are exact."""
-    if core not in before or core not in after:
-        return {}
-    d = [(a - b) / CLK_TCK for a, b in zip(after[core], before[core])]
-    user, nice, system, idle, iowait, irq, softirq, steal = d
-    return {"busy_s": user + nice + system + irq + softirq + steal, "idle_s": idle + iowait,
-            "softirq_s": softirq, "irq_s": irq, "steal_s": steal}
-
-
-def kernel_thread_pid(name: str) -> int | None:
-    """pid of a kernel thread such as ksoftirqd/0 (None if not found)."""
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{d}/comm").read_text().strip() == name:
-                    return int(d)
-    return None
+    """utime+stime of a live process in seconds (procfs.cpu_seconds, but a
+    vanished process is a harness error: a case's figures would be wrong)."""
+    v = procfs.cpu_seconds(pid)
+    if v is None:
+        raise HarnessError(f"no /proc/{pid}/stat: the process is gone")
+    return v
 
 
 def proc_cpu_or_zero(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    with contextlib.suppress(OSError):
-        return proc_cpu_s(pid)
-    return 0.0
+    return (procfs.cpu_seconds(pid) or 0.0) if pid is not None else 0.0
 
 
 def proc_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise HarnessError(f"no VmRSS for pid {pid}")
+    v = procfs.rss_kb(pid)
+    if v is None:
+        raise HarnessError(f"no VmRSS for pid {pid}")
+    return v
 
 
 # --------------------------------------------------------------- builds ----
@@ -302,61 +228,26 @@ def build_tools() -> dict[str, Path]:
 
 # ---------------------------------------------------------------- redis ----
 
-def resp_command(port: int, *args: str | bytes, timeout: float = 5.0):
-    """One Redis command over a raw socket (no client library, so the harness
-    itself depends on nothing the gateway variants use)."""
-    parts = [f"*{len(args)}\r\n".encode()]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"".join(parts))
-        buf = b""
-        while b"\r\n" not in buf:
-            chunk = s.recv(4096)
-            if not chunk:
-                raise HarnessError("redis closed the connection")
-            buf += chunk
-        line = buf.split(b"\r\n", 1)[0]
-        if line[:1] == b":":
-            return int(line[1:])
-        if line[:1] == b"+":
-            return line[1:].decode()
-        if line[:1] == b"-":
-            raise HarnessError(f"redis error: {line[1:].decode()}")
-        return line.decode()
+class Redis(RedisServer):
+    """The bench's redis-server: on the auxiliary core, in its own process
+    group, no output-buffer limit for pub/sub clients (Redis keeps a lagging
+    gateway's backlog instead of disconnecting it)."""
 
-
-class Redis:
     def __init__(self, workdir: Path) -> None:
-        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not Path(exe).exists():
+        if not redis_installed():
             raise HarnessError("redis-server not found")
-        self.port = free_port()
-        # No persistence; no output-buffer limit for pub/sub clients, so Redis
-        # keeps a lagging gateway's backlog instead of disconnecting it.
-        self.proc = PROCS.start(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--client-output-buffer-limit", "pubsub 0 0 0",
-             "--maxclients", "1000", "--protected-mode", "no", "--loglevel", "warning",
-             "--dir", str(workdir)],
-            cpu=AUX_CPU, log=workdir / "redis.log")
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if resp_command(self.port, "PING", timeout=1) == "PONG":
-                    break
-            except (OSError, HarnessError):
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise HarnessError("redis-server did not start; see redis.log")
-            time.sleep(0.05)
+        super().__init__(extra=["--client-output-buffer-limit", "pubsub 0 0 0",
+                                "--maxclients", "1000", "--protected-mode", "no"],
+                         cpu=AUX_CPU, new_group=True, die_with_parent=True,
+                         log_path=workdir / "redis.log", workdir=workdir)
+        self.start()
+        PROCS.live.append(self.proc)
 
     def numpat(self) -> int:
-        return resp_command(self.port, "PUBSUB", "NUMPAT")
+        return self.command("PUBSUB", "NUMPAT")
 
     def publish(self, channel: str, payload: bytes) -> int:
-        return resp_command(self.port, "PUBLISH", channel, payload)
+        return self.command("PUBLISH", channel, payload)
 
     def cpu_s(self) -> float:
         return proc_cpu_s(self.proc.pid)
@@ -507,25 +398,25 @@ def mapped_fastpath(pid: int) -> str | None:
 
 
 class Gateway:
+    """One gateway process of a variant (a GatewayProcess on CPU 0 in its own
+    process group), ready once it accepts TCP and its pattern is in Redis."""
+
     def __init__(self, variant: str, redis: Redis, logdir: Path, tag: str,
                  nofile: int = 20000, extra_env: dict | None = None) -> None:
         self.variant = variant
-        self.port = free_port()
         self.log = logdir / f"gateway-{tag}.log"
         env = dict(os.environ)
-        env.update(WS_HOST="127.0.0.1", WS_PORT=str(self.port),
-                   REDIS_URL=f"redis://127.0.0.1:{redis.port}",
-                   WS_MAX_SYMBOLS="5", WS_CHANNEL_PREFIX=CHANNEL_PREFIX,
-                   LOG_LEVEL="WARNING", WS_STATS_INTERVAL="3600", PYTHONUNBUFFERED="1",
-                   # every load-client connection comes from 127.0.0.1: lift the
-                   # gateway's per-address connection cap (the baseline has none)
-                   WS_MAX_CONNECTIONS_PER_IP="0")
         env.pop("GATEWAY_NO_EXTENSIONS", None)
         # Whatever the caller's environment says, a case starts with compression
         # at its default (on: it only applies to clients that offer it) and
         # authentication off, unless the case asks for it.
         for k in ("WS_JWT_SECRET", "WS_JWT_PUBLIC_KEY", "WS_COMPRESSION"):
             env.pop(k, None)
+        env.update(WS_MAX_SYMBOLS="5", WS_CHANNEL_PREFIX=CHANNEL_PREFIX,
+                   LOG_LEVEL="WARNING", WS_STATS_INTERVAL="3600", PYTHONUNBUFFERED="1",
+                   # every load-client connection comes from 127.0.0.1: lift the
+                   # gateway's per-address connection cap (the baseline has none)
+                   WS_MAX_CONNECTIONS_PER_IP="0")
         env.update(extra_env or {})
         kind = variant_kind(variant)
         cwd, source_env = gateway_source(variant)
@@ -538,24 +429,22 @@ class Gateway:
                 env["GATEWAY_NO_EXTENSIONS"] = "1"
         if redis.numpat() != 0:
             raise HarnessError("a previous gateway still holds its Redis pattern")
-        self.proc = PROCS.start(argv, cpu=GATEWAY_CPU, log=self.log, env=env, nofile=nofile,
-                                cwd=cwd)
+        self.gp = GatewayProcess(redis.url, log_path=self.log, env=env, argv=argv, cwd=cwd,
+                                 cpu=GATEWAY_CPU, new_group=True, die_with_parent=True,
+                                 nofile=nofile)
+        self.port = self.gp.port
+        self.proc = self.gp.start().proc
+        PROCS.live.append(self.proc)
         self.pid = self.proc.pid
-        # Ready = accepting TCP and PSUBSCRIBEd (else the first trades are lost).
+        # Ready = accepting TCP and PSUBSCRIBEd (else the first trades are lost);
+        # the baseline has no /readyz, so not GatewayProcess.wait_ready().
         deadline = time.monotonic() + 20
-        while True:
-            if self.proc.poll() is not None:
+        while not (port_open(self.port, timeout=0.5) and redis.numpat() >= 1):
+            if not self.alive():
                 raise HarnessError(f"{variant} gateway exited with {self.proc.returncode} "
                                    f"at startup:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise HarnessError(f"{variant} gateway not ready in 20 s:\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    pass
-                if redis.numpat() >= 1:
-                    break
-            except OSError:
-                pass
             time.sleep(0.05)
         if kind == "compiled" and variant in REV_SOURCES:
             # The measured process itself, not just the probe, runs that tree's code.
@@ -564,7 +453,7 @@ class Gateway:
                 raise HarnessError(f"{variant} gateway loaded {so}, not {cwd}'s fast path")
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.gp.alive()
 
     def cpu_s(self) -> float:
         return proc_cpu_s(self.pid)
@@ -573,26 +462,20 @@ class Gateway:
         return proc_rss_kib(self.pid)
 
     def schedstat(self) -> tuple[int, int] | None:
-        return proc_schedstat(self.pid)
+        return self.gp.schedstat()
 
     def log_tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return self.gp.log_tail(n)
 
     def log_problems(self) -> list[str]:
         """Tracebacks and ERROR lines the gateway logged during the case."""
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return []
-        lines = [l for l in text.splitlines()
-                 if "Traceback" in l or " ERROR " in l or "CRITICAL" in l]
-        return lines[:5]
+        return self.gp.log_problems()
 
     def stop(self, redis: Redis) -> int | None:
-        rc = PROCS.stop(self.proc, timeout=10)
+        """SIGTERM (SIGKILL to the group after 10 s); the exit code, None if killed."""
+        rc = self.gp.stop(timeout=10)
+        if self.proc in PROCS.live:
+            PROCS.live.remove(self.proc)
         # Wait for Redis to notice the gateway's connection closed, so the next
         # gateway's readiness check (NUMPAT >= 1) cannot see a stale pattern.
         deadline = time.monotonic() + 10
@@ -871,8 +754,8 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         rss_ready = gw.rss_kib()
         cpu0, rcpu0, t0_real = gw.cpu_s(), ctx.redis.cpu_s(), time.time_ns()
         sched0 = gw.schedstat()
-        cores0 = cpu_core_times()
-        ksoft_pid = kernel_thread_pid(f"ksoftirqd/{GATEWAY_CPU}")
+        cores0 = procfs.core_times()
+        ksoft_pid = procfs.kernel_thread_pid(f"ksoftirqd/{GATEWAY_CPU}")
         ksoft0 = proc_cpu_or_zero(ksoft_pid)
         pub = run_publisher(ctx.tools["publisher"], ctx.redis, symfile, ctx.workdir,
                             total=None if rate else total_msgs, rate=rate, duration_s=duration_s,
@@ -880,7 +763,7 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         rep = lc.finish(timeout=run_budget + 30)
         cpu1, rcpu1 = gw.cpu_s(), ctx.redis.cpu_s()
         sched1 = gw.schedstat()
-        cores1 = cpu_core_times()
+        cores1 = procfs.core_times()
         ksoft1 = proc_cpu_or_zero(ksoft_pid)
         alive = gw.alive()
         rss_end = gw.rss_kib() if alive else None
@@ -919,7 +802,7 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
     if shared:
         notes.append(f"core {GATEWAY_CPU} shared: the gateway waited {waited:.2f} s of the "
                      f"{window_s:.2f} s window for its core; throughput may be understated")
-    aux = core_usage(cores0, cores1, AUX_CPU)
+    aux = procfs.core_usage(cores0, cores1, AUX_CPU)
     if window_s and window_s >= 1.0 and aux and aux["busy_s"] > 0.9 * window_s:
         notes.append(f"client core {AUX_CPU} saturated ({aux['busy_s']:.1f} s busy in a "
                      f"{window_s:.1f} s window; load client {lc_cpu:.1f} s): latency includes "
@@ -941,7 +824,7 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         "gateway_cpu_s": gw_cpu,
         # tick-sampled per-core /proc/stat: shows the softirq share of the
         # gateway's core, but under-counts short bursts on a mostly idle core
-        "core_gateway": core_usage(cores0, cores1, GATEWAY_CPU),
+        "core_gateway": procfs.core_usage(cores0, cores1, GATEWAY_CPU),
         "core_gateway_ksoftirqd_s": ksoft1 - ksoft0,
         "gateway_runqueue_wait_s": waited,
         "gateway_core_shared": shared,
