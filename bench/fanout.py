@@ -9,6 +9,15 @@ process:
     purepy     GATEWAY_NO_EXTENSIONS=1 python -m gateway
     baseline   python bench/baseline_gateway.py  (websockets + redis-py + json)
 
+    compiled@REV, purepy@REV
+               the gateway of git revision REV (a branch, tag or hash of this
+               repository), exported with `git archive` to a temporary
+               directory, its extension built there in place, and run with cwd
+               and PYTHONPATH set to it; reported as e.g. compiled@1c8e02a, so
+               one run sets the working tree against a revision
+               (--variants compiled,compiled@main).  The load tools and this
+               harness are always the working tree's.
+
 The gateway runs alone on CPU 0 (taskset -c 0); Redis, the C publisher and the
 C epoll load client share CPU 1 with this script.  Gateway CPU is read from
 /proc/PID/stat (utime+stime) just before the publisher starts and just after
@@ -33,7 +42,7 @@ repeats), and the report sets each against that plain run.  They apply to
 compiled and purepy; the baseline has neither JWT nor a shared compressor.
 
 Usage:
-    python bench/fanout.py [--variants compiled,purepy,baseline]
+    python bench/fanout.py [--variants compiled,purepy,baseline,compiled@REV,purepy@REV]
                            [--scenarios protocol,market,wide,latency,memory,hot,
                                         market-deflate,market-mixed,market-auth]
                            [--smoke] [--repeat N] [--out bench/results.json]
@@ -51,7 +60,6 @@ import json
 import os
 import platform
 import re
-import resource
 import secrets
 import shutil
 import signal
@@ -65,11 +73,20 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The shared harness code of this checkout (not of whatever `gateway` an
+# editable install points at): free ports, redis-server, /proc readers, spawn.
+sys.path.insert(0, str(ROOT))
+from gateway._testbase import procfs  # noqa: E402
+from gateway._testbase.net import HarnessError, port_open  # noqa: E402
+from gateway._testbase.process import GatewayProcess, spawn  # noqa: E402
+from gateway._testbase.redis import RedisServer, redis_installed  # noqa: E402
 GATEWAY_CPU = 0
 AUX_CPU = 1
 CHANNEL_PREFIX = "channel:trade:"
 ALL_VARIANTS = ["compiled", "purepy", "baseline"]
+# Kinds that can also run from another git revision (KIND@REV).  The baseline
+# is bench code, not the gateway: it has no revision to compare.
+REV_KINDS = ("compiled", "purepy")
 ALL_SCENARIOS = ["protocol", "market", "wide", "latency", "memory", "hot",
                  "market-deflate", "market-mixed", "market-auth"]
 # The market workload with one feature switched on.  Each is measured against
@@ -79,10 +96,6 @@ MARKET_MODES = {
     "market-mixed": {"mode": "mixed", "deflate": 0.5},
     "market-auth": {"mode": "auth", "auth": True},
 }
-
-
-class HarnessError(Exception):
-    """The harness could not run a case (not a finding about the gateway)."""
 
 
 # ---------------------------------------------------------------- sizes ----
@@ -128,28 +141,12 @@ class Procs:
         self.live: list[subprocess.Popen] = []
 
     def start(self, argv, *, cpu: int | None, log: Path | None = None, env=None,
-              stdout=None, nofile: int | None = None) -> subprocess.Popen:
-        if cpu is not None and shutil.which("taskset"):
-            argv = ["taskset", "-c", str(cpu), *argv]
-
-        def preexec() -> None:
-            # Own process group: a signal to the harness does not reach the
-            # gateway mid-measurement, and cleanup can kill each group by id.
-            os.setpgrp()
-            if cpu is not None and not shutil.which("taskset"):
-                os.sched_setaffinity(0, {cpu})
-            if nofile:
-                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-                resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
-
-        logf = open(log, "ab") if log else None
-        try:
-            p = subprocess.Popen(argv, stdout=stdout if stdout is not None else (logf or subprocess.DEVNULL),
-                                 stderr=logf or subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                 env=env, preexec_fn=preexec, cwd=ROOT)
-        finally:
-            if logf:
-                logf.close()      # the child has its own copy
+              stdout=None, nofile: int | None = None, cwd: Path | None = None) -> subprocess.Popen:
+        # Own process group: a signal to the harness does not reach the child
+        # mid-measurement, and cleanup can kill each group by id.  A harness
+        # killed outright takes its children with it.
+        p = spawn(argv, env=env, cwd=cwd or ROOT, log=log, stdout=stdout, cpu=cpu,
+                  new_group=True, die_with_parent=True, nofile=nofile)
         self.live.append(p)
         return p
 
@@ -181,83 +178,24 @@ class Procs:
 PROCS = Procs()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def proc_cpu_s(pid: int) -> float:
-    """utime+stime of a process (all threads) in seconds, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_schedstat(pid: int) -> tuple[int, int] | None:
-    """(ns on CPU, ns runnable but waiting for a CPU), summed over the live
-    threads, from /proc/PID/task/*/schedstat.  The first cross-checks the
-    10 ms-granular utime+stime; the second measures interference: time the
-    gateway wanted its core while something else had it."""
-    run = wait = 0
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                fields = f.read().split()
-            run += int(fields[0])
-            wait += int(fields[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return run, wait
-
-
-def cpu_core_times() -> dict[int, list[int]]:
-    """Per-core jiffies from /proc/stat: user nice system idle iowait irq softirq steal."""
-    out = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                name, *vals = line.split()
-                out[int(name[3:])] = [int(v) for v in vals[:8]]
-    return out
-
-
-def core_usage(before: dict, after: dict, core: int) -> dict:
-    """What a core did between two samples, in seconds (busy counts softirq and
-    steal too).  Context only: these counters are tick-sampled, so on a mostly
-    idle core they miss short bursts; the per-process figures are exact."""
-    if core not in before or core not in after:
-        return {}
-    d = [(a - b) / CLK_TCK for a, b in zip(after[core], before[core])]
-    user, nice, system, idle, iowait, irq, softirq, steal = d
-    return {"busy_s": user + nice + system + irq + softirq + steal, "idle_s": idle + iowait,
-            "softirq_s": softirq, "irq_s": irq, "steal_s": steal}
-
-
-def kernel_thread_pid(name: str) -> int | None:
-    """pid of a kernel thread such as ksoftirqd/0 (None if not found)."""
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{d}/comm").read_text().strip() == name:
-                    return int(d)
-    return None
+    """utime+stime of a live process in seconds (procfs.cpu_seconds, but a
+    vanished process is a harness error: a case's figures would be wrong)."""
+    v = procfs.cpu_seconds(pid)
+    if v is None:
+        raise HarnessError(f"no /proc/{pid}/stat: the process is gone")
+    return v
 
 
 def proc_cpu_or_zero(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    with contextlib.suppress(OSError):
-        return proc_cpu_s(pid)
-    return 0.0
+    return (procfs.cpu_seconds(pid) or 0.0) if pid is not None else 0.0
 
 
 def proc_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise HarnessError(f"no VmRSS for pid {pid}")
+    v = procfs.rss_kb(pid)
+    if v is None:
+        raise HarnessError(f"no VmRSS for pid {pid}")
+    return v
 
 
 # --------------------------------------------------------------- builds ----
@@ -290,61 +228,26 @@ def build_tools() -> dict[str, Path]:
 
 # ---------------------------------------------------------------- redis ----
 
-def resp_command(port: int, *args: str | bytes, timeout: float = 5.0):
-    """One Redis command over a raw socket (no client library, so the harness
-    itself depends on nothing the gateway variants use)."""
-    parts = [f"*{len(args)}\r\n".encode()]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"".join(parts))
-        buf = b""
-        while b"\r\n" not in buf:
-            chunk = s.recv(4096)
-            if not chunk:
-                raise HarnessError("redis closed the connection")
-            buf += chunk
-        line = buf.split(b"\r\n", 1)[0]
-        if line[:1] == b":":
-            return int(line[1:])
-        if line[:1] == b"+":
-            return line[1:].decode()
-        if line[:1] == b"-":
-            raise HarnessError(f"redis error: {line[1:].decode()}")
-        return line.decode()
+class Redis(RedisServer):
+    """The bench's redis-server: on the auxiliary core, in its own process
+    group, no output-buffer limit for pub/sub clients (Redis keeps a lagging
+    gateway's backlog instead of disconnecting it)."""
 
-
-class Redis:
     def __init__(self, workdir: Path) -> None:
-        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not Path(exe).exists():
+        if not redis_installed():
             raise HarnessError("redis-server not found")
-        self.port = free_port()
-        # No persistence; no output-buffer limit for pub/sub clients, so Redis
-        # keeps a lagging gateway's backlog instead of disconnecting it.
-        self.proc = PROCS.start(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--client-output-buffer-limit", "pubsub 0 0 0",
-             "--maxclients", "1000", "--protected-mode", "no", "--loglevel", "warning",
-             "--dir", str(workdir)],
-            cpu=AUX_CPU, log=workdir / "redis.log")
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if resp_command(self.port, "PING", timeout=1) == "PONG":
-                    break
-            except (OSError, HarnessError):
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise HarnessError("redis-server did not start; see redis.log")
-            time.sleep(0.05)
+        super().__init__(extra=["--client-output-buffer-limit", "pubsub 0 0 0",
+                                "--maxclients", "1000", "--protected-mode", "no"],
+                         cpu=AUX_CPU, new_group=True, die_with_parent=True,
+                         log_path=workdir / "redis.log", workdir=workdir)
+        self.start()
+        PROCS.live.append(self.proc)
 
     def numpat(self) -> int:
-        return resp_command(self.port, "PUBSUB", "NUMPAT")
+        return self.command("PUBSUB", "NUMPAT")
 
     def publish(self, channel: str, payload: bytes) -> int:
-        return resp_command(self.port, "PUBLISH", channel, payload)
+        return self.command("PUBLISH", channel, payload)
 
     def cpu_s(self) -> float:
         return proc_cpu_s(self.proc.pid)
@@ -352,74 +255,205 @@ class Redis:
 
 # -------------------------------------------------------------- gateway ----
 
+def parse_variant(spec: str) -> tuple[str, str | None]:
+    """`compiled` -> ("compiled", None); `compiled@main` -> ("compiled", "main").
+    Raises ValueError for an unknown kind, an empty revision or `baseline@REV`."""
+    kind, sep, rev = spec.partition("@")
+    if kind not in ALL_VARIANTS:
+        raise ValueError(f"unknown variant {spec!r} (kinds: {', '.join(ALL_VARIANTS)})")
+    if not sep:
+        return kind, None
+    if kind not in REV_KINDS:
+        raise ValueError(f"{spec!r}: only {' and '.join(REV_KINDS)} run from another revision")
+    if not rev or rev != rev.strip() or rev.startswith("-"):
+        raise ValueError(f"{spec!r}: no revision after '@'")
+    return kind, rev
+
+
+def variant_kind(variant: str) -> str:
+    """compiled, purepy or baseline, for a plain or a resolved KIND@HASH name."""
+    return variant.partition("@")[0]
+
+
+def resolve_rev(rev: str) -> tuple[str, str]:
+    """(full hash, short hash) of a revision of the repository holding this script."""
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise ValueError(f"revision {rev!r}: {(r.stderr.strip() or 'not found').splitlines()[-1]}")
+        return r.stdout.strip()
+    full = git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
+    return full, git("rev-parse", "--short", full)
+
+
+@dataclass
+class RevSource:
+    """Where a KIND@REV variant comes from."""
+    rev: str                  # as given: main, HEAD~3, 1c8e02a
+    commit: str               # full hash
+    tree: Path | None = None  # exported and built (set by RevTrees.build)
+    build_s: float | None = None
+    gateway_file: str | None = None   # what `import gateway` finds there
+
+
+# resolved variant name (compiled@1c8e02a) -> its source; filled by parse_args
+REV_SOURCES: dict[str, RevSource] = {}
+
+
+class RevTrees:
+    """One exported and built tree per commit, all under one temporary
+    directory that cleanup() removes (main() calls it in `finally`, which runs
+    on an error, Ctrl-C and SIGTERM alike)."""
+
+    def __init__(self) -> None:
+        self.base: Path | None = None
+        self.trees: dict[str, Path] = {}
+
+    def build(self, commit: str, short: str) -> tuple[Path, float]:
+        if commit in self.trees:
+            return self.trees[commit], 0.0
+        if self.base is None:
+            self.base = Path(tempfile.mkdtemp(prefix="gateway-bench-rev-"))
+        tree = self.base / short
+        tree.mkdir()
+        t = time.monotonic()
+        # git archive, not git worktree: nothing is registered in the repository.
+        archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", "--format=tar", commit],
+                                   stdout=subprocess.PIPE)
+        try:
+            untar = subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout,
+                                   capture_output=True, timeout=120)
+        finally:
+            archive.stdout.close()
+            archive.wait(30)
+        if archive.returncode != 0 or untar.returncode != 0:
+            raise HarnessError(f"exporting {short} failed: {untar.stderr.decode(errors='replace')}")
+        env = dict(os.environ)
+        env.pop("GATEWAY_DEBUG", None)
+        env.pop("GATEWAY_ANNOTATE", None)
+        r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree,
+                           env=env, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise HarnessError(f"building the extension of {short} failed:\n{r.stderr[-3000:]}")
+        self.trees[commit] = tree
+        return tree, time.monotonic() - t
+
+    def cleanup(self) -> None:
+        if self.base is not None:
+            shutil.rmtree(self.base, ignore_errors=True)
+            self.base = None
+            self.trees.clear()
+
+
+def gateway_source(variant: str) -> tuple[Path, dict]:
+    """cwd for a gateway variant and the environment entries it needs: the
+    working tree, or the exported tree of its revision (also on PYTHONPATH, so
+    neither the caller's PYTHONPATH nor an editable install of another checkout
+    can take its place)."""
+    src = REV_SOURCES.get(variant)
+    if src is None:
+        return ROOT, {}
+    if src.tree is None:
+        raise HarnessError(f"{variant}: its tree was not built")
+    return src.tree, {"PYTHONPATH": str(src.tree)}
+
+
 def variant_available(variant: str) -> tuple[bool, str]:
-    if variant == "baseline":
+    kind = variant_kind(variant)
+    if kind == "baseline":
         return True, ""
-    probe = ("import gateway._fastpath" if variant == "compiled" else "import gateway")
+    probe = ("import gateway._fastpath" if kind == "compiled" else "import gateway")
+    probe += "; import gateway as g; print(g.__file__)"
+    cwd, extra = gateway_source(variant)
     env = dict(os.environ)
-    if variant == "purepy":
+    env.update(extra)
+    if kind == "purepy":
         env["GATEWAY_NO_EXTENSIONS"] = "1"
     try:
-        r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
+        r = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=env,
                            capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         return False, f"`{probe}` timed out"
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1]
         return False, f"`{probe}` failed: {tail}"
+    src = REV_SOURCES.get(variant)
+    if src is not None:
+        found = (r.stdout.strip().splitlines() or [""])[-1]
+        src.gateway_file = found
+        if not Path(found).resolve().is_relative_to(src.tree.resolve()):
+            raise HarnessError(f"{variant}: `import gateway` found {found}, not the tree {src.tree}")
     return True, ""
 
 
+def mapped_fastpath(pid: int) -> str | None:
+    """Path of the compiled fast path a running gateway has loaded, if any."""
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").split(None, 5)[-1]
+                if "/gateway/_fastpath" in path and path.endswith(".so"):
+                    return path
+    return None
+
+
 class Gateway:
+    """One gateway process of a variant (a GatewayProcess on CPU 0 in its own
+    process group), ready once it accepts TCP and its pattern is in Redis."""
+
     def __init__(self, variant: str, redis: Redis, logdir: Path, tag: str,
                  nofile: int = 20000, extra_env: dict | None = None) -> None:
         self.variant = variant
-        self.port = free_port()
         self.log = logdir / f"gateway-{tag}.log"
         env = dict(os.environ)
-        env.update(WS_HOST="127.0.0.1", WS_PORT=str(self.port),
-                   REDIS_URL=f"redis://127.0.0.1:{redis.port}",
-                   WS_MAX_SYMBOLS="5", WS_CHANNEL_PREFIX=CHANNEL_PREFIX,
-                   LOG_LEVEL="WARNING", WS_STATS_INTERVAL="3600", PYTHONUNBUFFERED="1",
-                   # every load-client connection comes from 127.0.0.1: lift the
-                   # gateway's per-address connection cap (the baseline has none)
-                   WS_MAX_CONNECTIONS_PER_IP="0")
         env.pop("GATEWAY_NO_EXTENSIONS", None)
         # Whatever the caller's environment says, a case starts with compression
         # at its default (on: it only applies to clients that offer it) and
         # authentication off, unless the case asks for it.
         for k in ("WS_JWT_SECRET", "WS_JWT_PUBLIC_KEY", "WS_COMPRESSION"):
             env.pop(k, None)
+        env.update(WS_MAX_SYMBOLS="5", WS_CHANNEL_PREFIX=CHANNEL_PREFIX,
+                   LOG_LEVEL="WARNING", WS_STATS_INTERVAL="3600", PYTHONUNBUFFERED="1",
+                   # every load-client connection comes from 127.0.0.1: lift the
+                   # gateway's per-address connection cap (the baseline has none)
+                   WS_MAX_CONNECTIONS_PER_IP="0")
         env.update(extra_env or {})
-        if variant == "baseline":
+        kind = variant_kind(variant)
+        cwd, source_env = gateway_source(variant)
+        env.update(source_env)
+        if kind == "baseline":
             argv = [sys.executable, str(BENCH / "baseline_gateway.py")]
         else:
             argv = [sys.executable, "-m", "gateway"]
-            if variant == "purepy":
+            if kind == "purepy":
                 env["GATEWAY_NO_EXTENSIONS"] = "1"
         if redis.numpat() != 0:
             raise HarnessError("a previous gateway still holds its Redis pattern")
-        self.proc = PROCS.start(argv, cpu=GATEWAY_CPU, log=self.log, env=env, nofile=nofile)
+        self.gp = GatewayProcess(redis.url, log_path=self.log, env=env, argv=argv, cwd=cwd,
+                                 cpu=GATEWAY_CPU, new_group=True, die_with_parent=True,
+                                 nofile=nofile)
+        self.port = self.gp.port
+        self.proc = self.gp.start().proc
+        PROCS.live.append(self.proc)
         self.pid = self.proc.pid
-        # Ready = accepting TCP and PSUBSCRIBEd (else the first trades are lost).
+        # Ready = accepting TCP and PSUBSCRIBEd (else the first trades are lost);
+        # the baseline has no /readyz, so not GatewayProcess.wait_ready().
         deadline = time.monotonic() + 20
-        while True:
-            if self.proc.poll() is not None:
+        while not (port_open(self.port, timeout=0.5) and redis.numpat() >= 1):
+            if not self.alive():
                 raise HarnessError(f"{variant} gateway exited with {self.proc.returncode} "
                                    f"at startup:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise HarnessError(f"{variant} gateway not ready in 20 s:\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    pass
-                if redis.numpat() >= 1:
-                    break
-            except OSError:
-                pass
             time.sleep(0.05)
+        if kind == "compiled" and variant in REV_SOURCES:
+            # The measured process itself, not just the probe, runs that tree's code.
+            so = mapped_fastpath(self.pid)
+            if so is None or not Path(so).resolve().is_relative_to(cwd.resolve()):
+                raise HarnessError(f"{variant} gateway loaded {so}, not {cwd}'s fast path")
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.gp.alive()
 
     def cpu_s(self) -> float:
         return proc_cpu_s(self.pid)
@@ -428,26 +462,20 @@ class Gateway:
         return proc_rss_kib(self.pid)
 
     def schedstat(self) -> tuple[int, int] | None:
-        return proc_schedstat(self.pid)
+        return self.gp.schedstat()
 
     def log_tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return self.gp.log_tail(n)
 
     def log_problems(self) -> list[str]:
         """Tracebacks and ERROR lines the gateway logged during the case."""
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return []
-        lines = [l for l in text.splitlines()
-                 if "Traceback" in l or " ERROR " in l or "CRITICAL" in l]
-        return lines[:5]
+        return self.gp.log_problems()
 
     def stop(self, redis: Redis) -> int | None:
-        rc = PROCS.stop(self.proc, timeout=10)
+        """SIGTERM (SIGKILL to the group after 10 s); the exit code, None if killed."""
+        rc = self.gp.stop(timeout=10)
+        if self.proc in PROCS.live:
+            PROCS.live.remove(self.proc)
         # Wait for Redis to notice the gateway's connection closed, so the next
         # gateway's readiness check (NUMPAT >= 1) cannot see a stale pattern.
         deadline = time.monotonic() + 10
@@ -726,8 +754,8 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         rss_ready = gw.rss_kib()
         cpu0, rcpu0, t0_real = gw.cpu_s(), ctx.redis.cpu_s(), time.time_ns()
         sched0 = gw.schedstat()
-        cores0 = cpu_core_times()
-        ksoft_pid = kernel_thread_pid(f"ksoftirqd/{GATEWAY_CPU}")
+        cores0 = procfs.core_times()
+        ksoft_pid = procfs.kernel_thread_pid(f"ksoftirqd/{GATEWAY_CPU}")
         ksoft0 = proc_cpu_or_zero(ksoft_pid)
         pub = run_publisher(ctx.tools["publisher"], ctx.redis, symfile, ctx.workdir,
                             total=None if rate else total_msgs, rate=rate, duration_s=duration_s,
@@ -735,7 +763,7 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         rep = lc.finish(timeout=run_budget + 30)
         cpu1, rcpu1 = gw.cpu_s(), ctx.redis.cpu_s()
         sched1 = gw.schedstat()
-        cores1 = cpu_core_times()
+        cores1 = procfs.core_times()
         ksoft1 = proc_cpu_or_zero(ksoft_pid)
         alive = gw.alive()
         rss_end = gw.rss_kib() if alive else None
@@ -774,7 +802,7 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
     if shared:
         notes.append(f"core {GATEWAY_CPU} shared: the gateway waited {waited:.2f} s of the "
                      f"{window_s:.2f} s window for its core; throughput may be understated")
-    aux = core_usage(cores0, cores1, AUX_CPU)
+    aux = procfs.core_usage(cores0, cores1, AUX_CPU)
     if window_s and window_s >= 1.0 and aux and aux["busy_s"] > 0.9 * window_s:
         notes.append(f"client core {AUX_CPU} saturated ({aux['busy_s']:.1f} s busy in a "
                      f"{window_s:.1f} s window; load client {lc_cpu:.1f} s): latency includes "
@@ -796,7 +824,7 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         "gateway_cpu_s": gw_cpu,
         # tick-sampled per-core /proc/stat: shows the softirq share of the
         # gateway's core, but under-counts short bursts on a mostly idle core
-        "core_gateway": core_usage(cores0, cores1, GATEWAY_CPU),
+        "core_gateway": procfs.core_usage(cores0, cores1, GATEWAY_CPU),
         "core_gateway_ksoftirqd_s": ksoft1 - ksoft0,
         "gateway_runqueue_wait_s": waited,
         "gateway_core_shared": shared,
@@ -861,7 +889,7 @@ def market_mode(name: str):
 
 def not_applicable(scen: str, variant: str) -> str | None:
     """Why a scenario does not run on a variant (None: it does)."""
-    if scen in MARKET_MODES and variant == "baseline":
+    if scen in MARKET_MODES and variant_kind(variant) == "baseline":
         return ("the baseline has no JWT check and compresses per connection with "
                 "websockets' own deflate: not the gateway's feature under test")
     return None
@@ -993,7 +1021,7 @@ def scen_protocol(ctx: Ctx, variant: str) -> list[dict]:
     checks: list[dict] = []
     # The byte-for-byte envelope is the gateway's contract; the baseline
     # re-serialises with json.dumps on purpose, so there it is informational.
-    strict_bytes = variant != "baseline"
+    strict_bytes = variant_kind(variant) != "baseline"
     envelope = re.compile(rb'\{"type":"trade","data":(.*),"timestamp":(\d+)\}', re.S)
 
     def check(name: str, ok: bool, detail: str = "", strict: bool = True) -> None:
@@ -1160,8 +1188,13 @@ def fmt(v, spec=".2f", none="-"):
     return format(v, spec)
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], revisions: dict | None = None) -> str:
     out = []
+    for v, src in (revisions or {}).items():
+        out.append(f"- `{v}`: revision `{src['rev']}` = {src['commit']}, "
+                   f"run from its own exported, built tree")
+    if revisions:
+        out.append("")
     by = {}
     for r in results:
         by.setdefault(r["scenario"], []).append(r)
@@ -1223,7 +1256,39 @@ def markdown(results: list[dict]) -> str:
         if bad:
             out.append("")
     compare_modes(results, table, out)
+    compare_revisions(results, table, out)
     return "\n".join(out)
+
+
+def compare_revisions(results: list[dict], table, out: list[str]) -> None:
+    """Each KIND@REV delivery case against the working tree's KIND case of the
+    same scenario, mode and repeat: before/after a change in one run.  CPU per
+    delivery from schedstat (ns), as in compare_modes."""
+    cases = [r for r in results if "deliveries" in r and "@" in r["variant"]]
+    if not cases:
+        return
+    here = {(r["scenario"], r.get("offered_label"), r["variant"], r["repeat"]): r
+            for r in results if "deliveries" in r and "@" not in r["variant"]}
+    rows = []
+    for r in sorted(cases, key=lambda r: (r["scenario"], str(r.get("offered_label")),
+                                          r["variant"], r["repeat"])):
+        kind = variant_kind(r["variant"])
+        w = here.get((r["scenario"], r.get("offered_label"), kind, r["repeat"]))
+        if w is None:
+            continue
+        us_w = w.get("gateway_cpu_us_per_delivery_schedstat")
+        us_r = r.get("gateway_cpu_us_per_delivery_schedstat")
+        scen = r["scenario"] + (f" {r['offered_label']}" if r.get("offered_label") else "")
+        rows.append([scen, r["repeat"], kind, fmt(us_w, ".3f"), r["variant"], fmt(us_r, ".3f"),
+                     f"{us_w / us_r:.2f}x" if us_w and us_r else "-",
+                     fmt(w.get("deliveries_per_s"), ",.0f"), fmt(r.get("deliveries_per_s"), ",.0f"),
+                     w.get("ok") and r.get("ok")])
+    if not rows:
+        return
+    out.append("### working tree vs revision (same invocation)")
+    out.append("")
+    table(["scenario", "rep", "working tree", "gw µs/deliv", "revision", "gw µs/deliv",
+           "CPU tree/rev", "deliveries/s tree", "deliveries/s rev", "ok"], rows)
 
 
 def compare_modes(results: list[dict], table, out: list[str]) -> None:
@@ -1281,11 +1346,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="re-run a case whose gateway core was shared with other tasks "
                         "(default 1, 0 with --smoke)")
     a = p.parse_args(argv)
-    a.variants = [v for v in a.variants.split(",") if v]
     a.scenarios = [s for s in a.scenarios.split(",") if s]
-    for v in a.variants:
-        if v not in ALL_VARIANTS:
-            p.error(f"unknown variant {v}")
+    specs = [v for v in a.variants.split(",") if v]
+    a.variants = []
+    for spec in specs:
+        try:
+            kind, rev = parse_variant(spec)
+            name = kind
+            if rev is not None:
+                full, short = resolve_rev(rev)
+                name = f"{kind}@{short}"
+                REV_SOURCES[name] = RevSource(rev, full)
+        except ValueError as e:
+            p.error(str(e))
+        if name in a.variants:
+            p.error(f"variant {spec} given twice (as {name})")
+        a.variants.append(name)
     for s in a.scenarios:
         if s not in SCENARIOS:
             p.error(f"unknown scenario {s}")
@@ -1305,6 +1381,9 @@ def meta(args) -> dict:
                     if l.startswith("model name")), "")
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke,
             "variants": args.variants, "scenarios": args.scenarios, "repeat": args.repeat,
+            "revisions": {v: {"rev": src.rev, "commit": src.commit, "build_s": src.build_s,
+                              "gateway_file": src.gateway_file}
+                          for v, src in REV_SOURCES.items() if v in args.variants},
             "python": platform.python_version(), "cpu": cpu, "ncpu": os.cpu_count(),
             "kernel": platform.release(),
             "versions": {m: ver(m) for m in ("websockets", "redis", "picows", "hiredis",
@@ -1328,11 +1407,23 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
 
+    trees = RevTrees()
     try:
         tools = build_tools()
+        for v in args.variants:
+            src = REV_SOURCES.get(v)
+            if src is not None and src.tree is None:
+                shared = src.commit in trees.trees
+                src.tree, src.build_s = trees.build(src.commit, v.partition("@")[2])
+                print(f"[rev] {v}: {src.rev} = {src.commit}, " +
+                      ("same tree as above" if shared else
+                       f"exported and built in {src.build_s:.1f} s"), file=sys.stderr)
         redis = Redis(workdir)
         ctx = Ctx(tools, redis, workdir, sizes, args.smoke, results)
         avail = {v: variant_available(v) for v in args.variants}
+        for v, src in REV_SOURCES.items():
+            if v in avail:
+                print(f"[rev] {v}: runs {src.gateway_file}", file=sys.stderr)
 
         def run_case(scen: str, v: str, rep: int) -> None:
             base = {"scenario": scen, "variant": v, "repeat": rep}
@@ -1372,12 +1463,13 @@ def main(argv=None) -> int:
         print(f"harness error: {harness_error}", file=sys.stderr)
     finally:
         PROCS.kill_all()
+        trees.cleanup()
         doc = {"meta": meta(args), "duration_s": time.monotonic() - t_start,
                "harness_error": harness_error, "workdir": str(workdir), "results": results}
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1))
-        print(markdown(results))
+        print(markdown(results, doc["meta"]["revisions"]))
         print(f"\nresults: {out}  ({doc['duration_s']:.1f} s)")
         bad = [r for r in results if not r.get("ok")]
         if args.keep_workdir or bad or harness_error:

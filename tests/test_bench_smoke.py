@@ -69,6 +69,37 @@ def test_fanout_smoke(variant, tmp_path):
         _check_market_modes(results, report)
 
 
+def test_variant_names():
+    """KIND and KIND@REV parse; a revision resolves to this repository's commit
+    and names the variant by its short hash (no tree is built here)."""
+    fanout = _fanout()
+    assert fanout.parse_variant("compiled") == ("compiled", None)
+    assert fanout.parse_variant("purepy@HEAD~1") == ("purepy", "HEAD~1")
+    assert fanout.variant_kind("compiled@1c8e02a") == "compiled"
+    for bad in ("baseline@main", "compiled@", "nope", "compiled@-x"):
+        with pytest.raises(ValueError):
+            fanout.parse_variant(bad)
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    full, short = fanout.resolve_rev("HEAD")
+    assert len(full) == 40 and full.startswith(short)
+    args = fanout.parse_args(["--variants", "compiled,compiled@HEAD", "--scenarios", "market"])
+    assert args.variants == ["compiled", f"compiled@{short}"]
+    assert fanout.REV_SOURCES[f"compiled@{short}"].commit == full
+    with pytest.raises(SystemExit):      # the same commit twice
+        fanout.parse_args(["--variants", "compiled@HEAD,compiled@" + full])
+
+
+def _fanout():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import fanout
+    finally:
+        sys.path.pop(0)
+    return fanout
+
+
 def _check_market_modes(results: list[dict], report: str) -> None:
     """The compression and auth cases ran next to a plain market case, lost
     nothing, kept order, and really exercised their feature."""
@@ -114,12 +145,7 @@ def test_loadclient_parses_split_and_batched_frames(tmp_path, deflate):
     deflate, the client offers permessage-deflate and a token path, the server
     agrees and compresses most messages (a fragmented one: RSV1 on its first
     frame only), and the sampled connection inflates them before parsing."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import fanout
-    finally:
-        sys.path.pop(0)
-    exe = fanout.build_tools()["loadclient"]
+    exe = _fanout().build_tools()["loadclient"]
 
     n_trades = 300
     n_compressed = 0
