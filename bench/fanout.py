@@ -80,6 +80,7 @@ from gateway._testbase import procfs  # noqa: E402
 from gateway._testbase.net import HarnessError, port_open  # noqa: E402
 from gateway._testbase.process import GatewayProcess, spawn  # noqa: E402
 from gateway._testbase.redis import RedisServer, redis_installed  # noqa: E402
+
 GATEWAY_CPU = 0
 AUX_CPU = 1
 CHANNEL_PREFIX = "channel:trade:"
@@ -388,12 +389,11 @@ def variant_available(variant: str) -> tuple[bool, str]:
 
 def mapped_fastpath(pid: int) -> str | None:
     """Path of the compiled fast path a running gateway has loaded, if any."""
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                path = line.rstrip("\n").split(None, 5)[-1]
-                if "/gateway/_fastpath" in path and path.endswith(".so"):
-                    return path
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            path = line.rstrip("\n").split(None, 5)[-1]
+            if "/gateway/_fastpath" in path and path.endswith(".so"):
+                return path
     return None
 
 
@@ -557,7 +557,7 @@ class LoadClient:
             argv += ["-T", str(paths_file)]
         self.deadline_s = deadline_s
         self.out_path = workdir / f"loadclient-{time.monotonic_ns()}.out"
-        self.out = open(self.out_path, "wb")
+        self.out = open(self.out_path, "wb")  # noqa: SIM115  (the child writes it; closed in finish)
         self.proc = PROCS.start(argv, cpu=AUX_CPU, stdout=self.out,
                                 log=workdir / "loadclient.log", nofile=20000)
         self.started = time.monotonic()
@@ -585,7 +585,7 @@ class LoadClient:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             PROCS.stop(self.proc, timeout=2)
-            raise HarnessError("load client did not finish in time")
+            raise HarnessError("load client did not finish in time") from None
         PROCS.stop(self.proc)
         self.out.close()
         for line in reversed(self._lines()):
@@ -609,9 +609,9 @@ def run_publisher(exe: Path, redis: Redis, symfile: Path, workdir: Path, *,
             p.wait(timeout)
         except subprocess.TimeoutExpired:
             PROCS.stop(p, timeout=1)
-            raise HarnessError("publisher did not finish in time")
+            raise HarnessError("publisher did not finish in time") from None
         PROCS.stop(p)
-    lines = [l for l in outp.read_text().splitlines() if l.startswith("{")]
+    lines = [ln for ln in outp.read_text().splitlines() if ln.startswith("{")]
     if not lines:
         raise HarnessError(f"publisher failed (exit {p.returncode})")
     return json.loads(lines[-1])
@@ -645,7 +645,7 @@ def make_tokens(n: int, secret: str) -> list[str]:
     """HS256 tokens for user0..user(n-1): one per connection, as distinct users
     would present them (per-user connection limits are off by default)."""
     try:
-        import jwt   # PyJWT: the gateway's own dependency for WS_JWT_SECRET
+        import jwt  # PyJWT: the gateway's own dependency for WS_JWT_SECRET
     except ImportError as e:
         raise HarnessError(f"market-auth needs PyJWT in the harness's python: {e}") from None
     return [jwt.encode({"sub": f"user{i}"}, secret, algorithm="HS256") for i in range(n)]
@@ -792,7 +792,7 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
                          "deflate clients uncompressed")
     if not alive:
         probs.append(f"gateway died during the case (exit {gw.proc.returncode})")
-    probs += [f"gateway log: {l}" for l in gw.log_problems()]
+    probs += [f"gateway log: {ln}" for ln in gw.log_problems()]
     lc_cpu = rep["cpu_user_s"] + rep["cpu_sys_s"] - rep.get("cpu_at_ready_s", 0)
     # Anything else that ran on the gateway's core (another user's processes on a
     # shared machine) makes the case slower without the gateway being at fault.
@@ -992,7 +992,7 @@ def scen_memory(ctx: Ctx, variant: str) -> list[dict]:
             probs.append(f"cycle {i + 1}: subscribe_errors={c['subscribe_errors']}")
     if not alive:
         probs.append("gateway died during the case")
-    probs += [f"gateway log: {l}" for l in gw.log_problems()]
+    probs += [f"gateway log: {ln}" for ln in gw.log_problems()]
     notes = [f"gateway exit code {rc} after SIGTERM"] if rc not in (0, None) and alive else []
     first = cycles[0]
     per = (first["rss_kib_connected"] - rss_before) / first["connected"] if first["connected"] else None
@@ -1016,7 +1016,7 @@ def scen_protocol(ctx: Ctx, variant: str) -> list[dict]:
 
     Each step is checked on its own, so one failure does not hide the rest.
     """
-    from websockets.sync.client import connect   # bench-only dependency
+    from websockets.sync.client import connect  # bench-only dependency
     gw = Gateway(variant, ctx.redis, ctx.workdir, f"protocol-{variant}")
     checks: list[dict] = []
     # The byte-for-byte envelope is the gateway's contract; the baseline
@@ -1108,7 +1108,7 @@ def scen_protocol(ctx: Ctx, variant: str) -> list[dict]:
                     b'{"symbol":"AAPL","blob":"' + b"x" * 70_000 + b'"}',
             }
             for label, payload in payloads.items():
-                step(label, lambda l=label, p=payload: trade_roundtrip(a, "AAPL", p, l), a)
+                step(label, lambda lb=label, p=payload: trade_roundtrip(a, "AAPL", p, lb), a)
 
             def bad_payloads():
                 # Not JSON objects: must not reach clients, must not break the feed.
@@ -1376,9 +1376,8 @@ def meta(args) -> dict:
         except Exception:
             return None
     cpu = ""
-    with contextlib.suppress(OSError):
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                    if l.startswith("model name")), "")
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "")
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke,
             "variants": args.variants, "scenarios": args.scenarios, "repeat": args.repeat,
             "revisions": {v: {"rev": src.rev, "commit": src.commit, "build_s": src.build_s,

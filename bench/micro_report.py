@@ -8,7 +8,8 @@ from collections import defaultdict
 
 
 def main(path: str) -> None:
-    data = json.load(open(path))
+    with open(path) as f:
+        data = json.load(f)
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for b in data["benchmarks"]:
         variant = b["param"] if b.get("param") else b["name"].split("[")[-1].rstrip("]")

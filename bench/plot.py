@@ -18,7 +18,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")            # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 BENCH = Path(__file__).resolve().parent
 ORDER = ["compiled", "purepy", "baseline"]
@@ -97,7 +97,7 @@ def plot(doc: dict, out: Path) -> None:
                    for r in lat):
                 ax.annotate("overloaded", (k, 1), fontsize=7, color=COLORS.get(v),
                             xytext=(0, 6 * (variants.index(v) + 1)), textcoords="offset points")
-    ax.set_xticks(range(len(loads)), [f"{l:,}/s" for l in loads])
+    ax.set_xticks(range(len(loads)), [f"{n:,}/s" for n in loads])
     ax.set_yscale("log")
     ax.set_xlabel("offered deliveries/s (1,000 clients x 5 of 100 symbols)")
     ax.set_title("Publish -> client latency (ms)")

@@ -7,6 +7,7 @@ itself lives in ``gateway._testbase``.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -80,19 +81,35 @@ def gateway_process(redis_server):
         gw.close()
 
 
+def pytest_configure(config):
+    # The quick run (pyproject's default -m 'not slow') also trims the
+    # property tests to a quarter of their examples; the full run (test.sh,
+    # CI) does them all. The examples are derandomized, so the quick run's
+    # are the first of the full run's.
+    if config.getoption("markexpr") == "not slow":
+        os.environ.setdefault("GATEWAY_QUICK_TESTS", "1")
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(items):
-    """A ``heavy`` test is ``slow`` in every variant but one: uvloop with the
-    compiled fast path (the pure-Python twin when the extension is missing),
-    so that the quick run still runs each test once."""
+    """Keep the quick run quick without losing a combination's coverage.
+
+    A test that runs on both loops and both fast paths keeps two of its four
+    variants in the quick run, uvloop + compiled and asyncio + pure Python,
+    so each loop and each implementation is still exercised; a ``heavy``
+    test keeps only uvloop + compiled (the twin when the extension is
+    missing). The other variants are ``slow``: the full run has them all."""
     primary_impl = _fastpath_c if _fastpath_c is not None else _fastpath_py
     for item in items:
-        if item.get_closest_marker("heavy") is None:
-            continue
         params = getattr(item, "callspec", None)
         params = params.params if params is not None else {}
-        if (params.get("loop_kind", "uvloop") != "uvloop"
-                or params.get("impl", primary_impl) is not primary_impl):
+        if "loop_kind" not in params or "impl" not in params:
+            if item.get_closest_marker("heavy") is None:
+                continue
+        primary = (params.get("loop_kind", "uvloop") == "uvloop"
+                   and params.get("impl", primary_impl) is primary_impl)
+        diagonal = params.get("loop_kind") == "asyncio" and params.get("impl") is _fastpath_py
+        if not primary and (item.get_closest_marker("heavy") is not None or not diagonal):
             item.add_marker(pytest.mark.slow)
 
 

@@ -10,13 +10,12 @@ import jwt
 import orjson
 import pytest
 import websockets
+from conftest import running_gateway, wait_until
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-
-from conftest import running_gateway, wait_until
-from test_operations import http_get, scrape
+from test_operations import scrape
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 
@@ -215,7 +214,7 @@ def test_forwarded_for_believed_only_from_trusted_proxies(aio, impl, redis_serve
 def self_signed(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=1))

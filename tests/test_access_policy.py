@@ -16,7 +16,7 @@ import jwt
 import pytest
 from multidict import CIMultiDict
 
-from gateway.access import Admission, AccessPolicy, Refusal
+from gateway.access import AccessPolicy, Admission, Refusal
 from gateway.config import Config
 
 SECRET = "k" * 64          # long enough for HS256 and HS512 without PyJWT's key warning

@@ -9,8 +9,8 @@ import zlib
 import orjson
 import pytest
 import websockets
-
 from conftest import running_gateway, wait_until
+
 from gateway._testbase import ws as wire
 from gateway.compression import RESPONSE, accept
 

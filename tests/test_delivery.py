@@ -9,7 +9,6 @@ import time
 import orjson
 import pytest
 import websockets
-
 from conftest import running_gateway, wait_until
 
 

@@ -9,6 +9,7 @@ reproducible and writes nothing to the tree.
 """
 from __future__ import annotations
 
+import os
 import re
 import struct
 
@@ -29,7 +30,12 @@ except ImportError:  # test_fastpath.py::test_compiled_module_loaded fails in th
 needs_compiled = pytest.mark.skipif(C is None, reason="extension not built")
 
 
+QUICK = os.environ.get("GATEWAY_QUICK_TESTS") == "1"   # set by conftest for the quick run
+
+
 def props(max_examples: int):
+    if QUICK:
+        max_examples = max(10, max_examples // 4)
     return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                            HealthCheck.data_too_large])

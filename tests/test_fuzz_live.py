@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ import time
 import orjson
 import pytest
 import websockets
-
 from conftest import ROOT, gateway_env, running_gateway, wait_until
+
 from gateway._testbase import ws as wire
 
 

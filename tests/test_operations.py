@@ -9,12 +9,12 @@ import time
 
 import orjson
 import pytest
-
 from conftest import ROOT, running_gateway, wait_until
+from test_lifecycle import client, raw_client
+
 from gateway._testbase import procfs
 from gateway._testbase import ws as wire
 from gateway._testbase.net import parse_metrics
-from test_lifecycle import client, raw_client
 
 
 async def http_get(port: int, path: str) -> tuple[int, dict, bytes]:

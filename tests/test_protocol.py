@@ -14,10 +14,10 @@ import uuid
 import orjson
 import pytest
 import websockets
-
 from conftest import running_gateway, wait_until
-from gateway._testbase import ws as wire
 from test_lifecycle import raw_client
+
+from gateway._testbase import ws as wire
 
 
 async def connect(gw, **kwargs):

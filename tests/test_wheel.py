@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
+
 from gateway._testbase.net import free_port, wait_port
 
 pytestmark = pytest.mark.slow  # builds the wheel and a virtual environment
