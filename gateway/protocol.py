@@ -74,6 +74,13 @@ def parse_request(data: bytes, is_text: bool = True) -> Request:
     return Request(action, _symbols(msg, action))
 
 
+def request(action: str, symbols: list[str] | tuple[str, ...] = ()) -> bytes:
+    """A client request as a client sends it (client libraries, tools, tests)."""
+    if action == "ping":
+        return encode({"action": "ping"})
+    return encode({"action": action, "symbols": list(symbols)})
+
+
 def _symbols(msg: dict, action: str) -> tuple[str, ...]:
     if "symbols" not in msg:
         raise ClientError(f'Invalid message: "symbols" is required for {action}', "invalid_symbols")
