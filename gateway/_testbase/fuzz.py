@@ -97,7 +97,7 @@ class Conn:
         self.deflate_agreed = False  # permessage-deflate: RSV1 messages come compressed
         self.inflater = None         # kept across messages unless server_no_context_takeover
         self.trades = 0
-        self.frag: list | None = None
+        self.frag: list[bytes] | None = None
         self.frag_compressed = False
 
     @classmethod
@@ -188,10 +188,12 @@ class Conn:
             if op in (0x1, 0x2) or (op == 0x0 and self.frag is not None):
                 if op != 0x0:
                     self.frag, self.frag_compressed = [], bool(rsv & 4)  # RSV1: compressed
-                self.frag.append(payload)
+                frag = self.frag
+                assert frag is not None  # just started, or a continuation of one
+                frag.append(payload)
                 if not fin:
                     continue
-                data, self.frag = b"".join(self.frag), None
+                data, self.frag = b"".join(frag), None
                 if self.frag_compressed:
                     if not self.deflate_agreed:
                         return "compressed frame without permessage-deflate"
@@ -219,7 +221,7 @@ class Conn:
                 return got
 
     async def pongs(self, want: int, timeout: float = 3) -> tuple[list[bytes], str | None]:
-        out = []
+        out: list[bytes] = []
         deadline = time.monotonic() + timeout
         while len(out) < want:
             f = await self.frame(max(0.01, deadline - time.monotonic()))
@@ -308,7 +310,7 @@ def control_message(rng: random.Random, symbols: list[str]) -> bytes:
     r = rng.random()
     if r < 0.35:  # well-formed action, random symbols
         action = rng.choice(("subscribe", "unsubscribe", "ping"))
-        msg = {"action": action}
+        msg: dict[str, object] = {"action": action}
         if action != "ping" or rng.random() < 0.3:
             msg["symbols"] = [rng.choice(pool) for _ in range(rng.randrange(0, 8))]
         if rng.random() < 0.2:
@@ -546,7 +548,7 @@ async def case_json_control(c: Case):
         else:
             conn.send(frame(0x1, payload))
     conn.send(text_frame({"action": "ping"}))
-    kinds = Counter()
+    kinds: Counter[object] = Counter()
     finding = None
     for i in range(n + 1):
         reply = await conn.message(5)
@@ -723,7 +725,7 @@ async def case_msg_flood(c: Case):
     conn = await ws(c)
     n = c.rng.randrange(30, 300)
     conn.send(b"".join(text_frame({"action": "ping"}) for _ in range(n)))
-    kinds = Counter()
+    kinds: Counter[object] = Counter()
     end = None
     for _ in range(n):
         got = await conn.message(3)

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from . import procfs
 from .net import HOST, HarnessError, free_port, port_open, try_http_get
@@ -42,6 +43,15 @@ def die_with_parent() -> None:
 
 
 _set_pdeathsig = die_with_parent  # spawn()'s parameter of the same name hides it
+
+
+class SpawnOptions(TypedDict, total=False):
+    """spawn()'s process options, as a caller keeps them for later starts."""
+
+    die_with_parent: bool
+    cpu: int | None
+    new_group: bool
+    nofile: int | None
 
 
 def spawn(argv: list[str], *, env: dict | None = None, cwd=None, log: Path | None = None,
@@ -146,8 +156,8 @@ class GatewayProcess:
             os.close(fd)
             log_path = Path(name)
         self.log_path = Path(log_path)
-        self._spawn_opts = dict(die_with_parent=die_with_parent, cpu=cpu, new_group=new_group,
-                                nofile=nofile)
+        self._spawn_opts = SpawnOptions(die_with_parent=die_with_parent, cpu=cpu,
+                                        new_group=new_group, nofile=nofile)
         self.proc: subprocess.Popen | None = None
 
     # -- life ---------------------------------------------------------------
@@ -186,6 +196,7 @@ class GatewayProcess:
 
     @property
     def pid(self) -> int:
+        assert self.proc is not None, "not started"
         return self.proc.pid
 
     @property
@@ -200,10 +211,12 @@ class GatewayProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def send_signal(self, sig: int) -> None:
+        assert self.proc is not None, "not started"
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for it to exit; its exit code (subprocess.TimeoutExpired on timeout)."""
+        assert self.proc is not None, "not started"
         return self.proc.wait(timeout)
 
     def stop(self, timeout: float = 10, sig=signal.SIGTERM) -> int | None:

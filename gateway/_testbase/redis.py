@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .net import HOST, HarnessError, free_port
-from .process import spawn, terminate
+from .process import SpawnOptions, spawn, terminate
 from .resp import encode_command
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -86,7 +86,8 @@ class RedisServer:
         self.extra = list(extra)
         self.log_path = log_path
         self.workdir = workdir
-        self._spawn_opts = dict(die_with_parent=die_with_parent, cpu=cpu, new_group=new_group)
+        self._spawn_opts = SpawnOptions(die_with_parent=die_with_parent, cpu=cpu,
+                                        new_group=new_group)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -95,6 +96,7 @@ class RedisServer:
 
     @property
     def pid(self) -> int:
+        assert self.proc is not None, "not started"
         return self.proc.pid
 
     def start(self, timeout: float = 10) -> RedisServer:

@@ -80,8 +80,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import orjson
 import redis
@@ -118,6 +119,16 @@ def redis_client(port: int) -> redis.Redis:
 LATENCY_MS = [0] * 1001
 
 
+@dataclass(slots=True)
+class SeqState:
+    """A healthy client's accounting for one symbol."""
+
+    last: int = -1              # last seq received
+    received: int = 0
+    out_of_order: int = 0       # out of order or duplicate
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # (first, last) missing
+
+
 class HealthyClient(asyncio.Protocol):
     """Subscribes, then checks every trade's per-symbol seq and answers pings.
 
@@ -131,16 +142,15 @@ class HealthyClient(asyncio.Protocol):
         self.index = index
         self.symbols = symbols
         self.port = port
-        self.transport = None
+        self.transport: asyncio.Transport | None = None
         self.head = b""
         self.upgraded = False
         self.parser = FrameParser()
         self.subscribed = asyncio.get_running_loop().create_future()
-        # symbol -> [last seq, received, out of order, gaps [(first, last) missing]]
-        self.seqs = {s: [-1, 0, 0, []] for s in symbols}
+        self.seqs = {s: SeqState() for s in symbols}
         self.gap_overflow = False
-        self.other = []            # unexpected messages (errors...), first few
-        self.disconnected = None   # why, if the gateway dropped us
+        self.other: list[Any] = []        # unexpected messages (errors...), first few
+        self.disconnected: str | None = None  # why, if the gateway dropped us
         self.pings = 0
         self.closing = False
 
@@ -167,6 +177,7 @@ class HealthyClient(asyncio.Protocol):
                 self._on_text(payload)
             elif opcode == 0x9:
                 self.pings += 1
+                assert self.transport is not None
                 self.transport.write(frame(0xA, payload))
             elif opcode == 0x8 and not self.closing:
                 self.disconnected = f"close {close_code(payload)} {payload[2:60]!r}"
@@ -181,23 +192,24 @@ class HealthyClient(asyncio.Protocol):
                 self._note(msg)
                 return
             seq = data["seq"]
-            last = st[0]
+            last = st.last
             if seq == last + 1:
-                st[0] = seq
+                st.last = seq
             elif seq > last:
-                if len(st[3]) < self.MAX_GAPS:
-                    st[3].append((last + 1, seq - 1))
+                if len(st.gaps) < self.MAX_GAPS:
+                    st.gaps.append((last + 1, seq - 1))
                 else:
                     self.gap_overflow = True
-                st[0] = seq
+                st.last = seq
             else:
-                st[2] += 1
-            st[1] += 1
+                st.out_of_order += 1
+            st.received += 1
             ms = int((time.time_ns() // 1000 - data["pub_us"]) // 1000)
             LATENCY_MS[ms if 0 <= ms < 1000 else 1000] += 1
         elif kind == "success":
             data = msg.get("data") or {}
             if "connectionId" in data:
+                assert self.transport is not None
                 self.transport.write(text_frame({"action": "subscribe", "symbols": self.symbols}))
             elif "subscribed" in data and not self.subscribed.done():
                 self.subscribed.set_result(True)
@@ -214,6 +226,7 @@ class HealthyClient(asyncio.Protocol):
         self.disconnected = why
         if not self.subscribed.done():
             self.subscribed.set_exception(ConnectionError(why))
+        assert self.transport is not None
         self.transport.abort()
 
     def connection_lost(self, exc):
@@ -231,7 +244,8 @@ class HealthyClient(asyncio.Protocol):
 
     def result(self) -> dict:
         return {"index": self.index, "symbols": self.symbols,
-                "seqs": {s: (st[0], st[1], st[2], st[3]) for s, st in self.seqs.items()},
+                "seqs": {s: (st.last, st.received, st.out_of_order, st.gaps)
+                         for s, st in self.seqs.items()},
                 "gap_overflow": self.gap_overflow, "other": self.other,
                 "disconnected": self.disconnected, "pings": self.pings}
 
@@ -249,8 +263,9 @@ async def open_healthy(port: int, indices, names, per_client, timeout=30.0):
     for start in range(0, len(idx), batch):
         group = []
         for i in idx[start:start + batch]:
-            _, c = await loop.create_connection(
-                lambda i=i: HealthyClient(i, assign_symbols(i, names, per_client), port), HOST, port)
+            def make(i: int = i) -> HealthyClient:
+                return HealthyClient(i, assign_symbols(i, names, per_client), port)
+            _, c = await loop.create_connection(make, HOST, port)
             group.append(c)
         await asyncio.wait_for(asyncio.gather(*(c.subscribed for c in group)), timeout)
         clients.extend(group)
@@ -413,15 +428,25 @@ def gateway_side_established(gw_port: int, states=(TCP_ESTABLISHED,)) -> set[int
     return tcp_peer_ports(gw_port, states)
 
 
+class StalledCounts(TypedDict):
+    """What happened to the stalled clients of one kind."""
+
+    opened: int
+    cut_off: int              # by the gateway
+    cutoff_s: list[float]     # each one's age when cut off
+    stuck: int                # kept past the limit: never cut off
+
+
 def churn_process(port, names, rate, concurrency, stalled, heartbeat, policy, seed, stop_evt,
                   result_q):
     """Child process: churn cycles at ``rate``/s and ``stalled`` never-reading clients."""
     die_with_parent()
     counts: dict[str, int] = {}
     errors: dict[str, int] = {}
-    stall = {kind: {"opened": 0, "cut_off": 0, "cutoff_s": [], "stuck": 0}
-             for kind in ("silent", "pong-only")}
-    stall["open_errors"] = 0
+    stall: dict[str, StalledCounts] = {
+        kind: {"opened": 0, "cut_off": 0, "cutoff_s": [], "stuck": 0}
+        for kind in ("silent", "pong-only")}
+    open_errors = 0  # stalled clients that failed to open
     # Past these ages a stalled client counts as never cut off. Silent ones
     # miss a ping within two heartbeats; pong-only ones need the kernel's send
     # buffer (about 2 MB on loopback) and the gateway's limit filled first.
@@ -451,6 +476,7 @@ def churn_process(port, names, rate, concurrency, stalled, heartbeat, policy, se
                    heartbeat (allowed by RFC 6455), so only the slow-consumer
                    rule can cut it off. It holds the busiest symbols.
         """
+        nonlocal open_errors
         loop = asyncio.get_running_loop()
         rng = random.Random(seed + 7)
         socks: dict[int, list] = {}  # local port -> [socket, kind, opened, last pong]
@@ -458,13 +484,13 @@ def churn_process(port, names, rate, concurrency, stalled, heartbeat, policy, se
         try:
             while not stop_evt.is_set():
                 while len(socks) < stalled and not stop_evt.is_set():
-                    kind = min(n_kind, key=n_kind.get)
+                    kind = min(n_kind, key=lambda k: n_kind[k])
                     syms = (names[:5] if kind == "pong-only"
                             else rng.sample(names, min(5, len(names))))
                     try:
                         s = await loop.run_in_executor(None, open_stalled, port, syms)
                     except Exception:
-                        stall["open_errors"] += 1
+                        open_errors += 1
                         await asyncio.sleep(0.5)
                         continue
                     n_kind[kind] += 1
@@ -503,7 +529,8 @@ def churn_process(port, names, rate, concurrency, stalled, heartbeat, policy, se
         if stalled:
             tasks.append(asyncio.create_task(stalled_keeper()))
         await asyncio.gather(*tasks)
-        result_q.put({"cycles": counts, "errors": errors, "stalled": stall})
+        result_q.put({"cycles": counts, "errors": errors,
+                      "stalled": {**stall, "open_errors": open_errors}})
 
     run_loop(main())
 

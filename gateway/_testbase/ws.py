@@ -68,7 +68,7 @@ def parse_http_head(head: bytes) -> tuple[int, dict[str, str]]:
 
 # -- frames ------------------------------------------------------------------------
 
-def apply_mask(payload: bytes, key: bytes) -> bytes:
+def apply_mask(payload: bytes, key: bytes | bytearray) -> bytes:
     """XOR with the 4-byte key, as one big-integer operation (fast for 100 KB)."""
     n = len(payload)
     if n == 0:
