@@ -4,6 +4,11 @@
 second, spread over the symbols, to ``<prefix><SYMBOL>`` as JSON objects with
 the seed's trade fields (symbol, price, volume, timestamp, conditions,
 exchange). Prices follow a random walk; the seed makes a run repeatable.
+
+By default each trade goes through the ``publish_trade`` Redis function
+(gateway/sequencing.py, loaded once at start with ``--history-size``): it is
+numbered per symbol, kept in the symbol's bounded history, and published as
+``{"_seq":..,"_epoch":"..",...}``. ``--plain`` PUBLISHes the bare JSON instead.
 """
 from __future__ import annotations
 
@@ -50,26 +55,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--count", type=int, default=0, help="stop after this many trades; 0 means no limit")
     p.add_argument("--prefix", default="channel:trade:", help="channel prefix")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--plain", action="store_true",
+                   help="plain PUBLISH: no sequence numbers, no history, no function library")
+    p.add_argument("--history-size", type=int, default=None,
+                   help="trades kept per symbol, at least (default: WS_HISTORY_SIZE or 10000)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     import redis
 
+    from .sequencing import env_history_size, library_code, load_library, publish_trade
+
     args = parse_args(argv)
     symbols = [s.strip().upper() for s in args.symbols.split(",") if s.strip()]
     if not symbols or args.rate <= 0:
         print("ws-gateway-feed: error: need at least one symbol and a positive rate", file=sys.stderr)
         return 2
+    history_size = 0
+    if not args.plain:
+        try:
+            history_size = args.history_size if args.history_size is not None else env_history_size()
+            library_code(args.prefix, history_size)  # the settings' checks, before any connection
+        except ValueError as exc:
+            print(f"ws-gateway-feed: error: {exc}", file=sys.stderr)
+            return 2
     client = redis.Redis.from_url(args.redis_url)
+    if not args.plain:
+        try:
+            load_library(client, args.prefix, history_size)
+        except redis.RedisError as exc:
+            print(f"ws-gateway-feed: error: {exc}", file=sys.stderr)
+            return 1
     gen = TradeGenerator(symbols, args.seed)
     tick = 0.01 if args.rate >= 100 else 1.0 / args.rate
     per_tick = args.rate * tick
     start = time.monotonic()
     sent = 0.0
     published = 0
+    how = "" if args.plain else f" (sequenced, history {history_size})"
     print(f"publishing ~{args.rate:g} trades/s for {len(symbols)} symbol(s) to "
-          f"{args.prefix}<SYMBOL>", file=sys.stderr)
+          f"{args.prefix}<SYMBOL>{how}", file=sys.stderr)
     try:
         while True:
             now = time.monotonic()
@@ -78,9 +104,14 @@ def main(argv=None) -> int:
             sent += per_tick
             pipe = client.pipeline(transaction=False)
             n = int(sent) - published
+            if args.count:
+                n = min(n, args.count - published)  # --count is exact, whatever the batch
             for _ in range(n):
                 sym = gen.rng.choice(symbols)
-                pipe.publish(args.prefix + sym, orjson.dumps(gen.trade(sym)))
+                if args.plain:
+                    pipe.publish(args.prefix + sym, orjson.dumps(gen.trade(sym)))
+                else:
+                    publish_trade(pipe, sym, gen.trade(sym))
             if n:
                 pipe.execute()
                 published += n
