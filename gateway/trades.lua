@@ -97,7 +97,10 @@ local function json_object(payload)
   if (string.find(text, '[eE][+]?%d%d%d') or string.find(text, LONG_DIGITS)) and has_infinity(value) then
     return nil
   end
-  return text, next(value) == nil
+  if next(value) == nil then
+    return '{}', true  -- an empty object, however it was spaced
+  end
+  return text, false
 end
 
 local function publish_trade(keys, args)
