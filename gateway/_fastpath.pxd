@@ -14,6 +14,15 @@ cdef class ClientListener(WSListener):
         # newest per channel (channel -> [frame, skipped]), not sent.
         public bint conflating
         readonly dict conflated
+        # While set, every trade for this client is kept in ``held`` as
+        # (channel, seq, frame) instead of sent: a replay is being put in
+        # front of the live stream (gateway.replay).
+        public bint holding
+        list held
+        # After a replay: channel -> [epoch bytes, seq]; live trades at or
+        # below the floor were already sent from the history and are skipped
+        # until the live stream passes it. None when there is no floor.
+        dict floors
         # Outbound batch: every trade frame one Redis read produces for this
         # client is appended here and leaves in one write (FanOut.flush).
         char* out
@@ -26,7 +35,9 @@ cdef class ClientListener(WSListener):
         public bint deflate
         object _sink                     # frames go here when there is no transport (tests)
 
-    cdef int conflate(self, object channel, const char* frame, Py_ssize_t size) except -1
+    cdef int conflate(self, object channel, const char* frame, Py_ssize_t size, int64_t seq) except -1
+    cdef int hold(self, object channel, int64_t seq, const char* frame, Py_ssize_t size) except -1
+    cdef bint below_floor(self, object channel, const char* epoch, Py_ssize_t elen, int64_t seq) except -1
     cdef int append_frame(self, const char* frame, Py_ssize_t size) except -1
     cdef int flush(self, Py_ssize_t max_buffered) except -1
     cpdef send_text(self, bytes data)
@@ -65,6 +76,15 @@ cdef class FanOut:
         readonly uint64_t dispatch_errors
         readonly uint64_t conflated_messages
         readonly uint64_t compressed_messages
+        readonly uint64_t sequenced_messages
+        readonly uint64_t duplicate_messages   # sequenced trades at or below the channel's position
+        # Sequenced channels: channel -> [epoch bytes, last seq routed], kept
+        # while the channel has subscribers.
+        dict positions
+        # Channels whose messages are held (payloads, in order) while a gap
+        # in the gateway's own stream is filled from the history.
+        dict holds
+        public object gap_callback
         object compressor                # zlib raw deflate for permessage-deflate clients
         uint64_t latency_counts[14]      # N_BUCKETS + 1 (+Inf)
         int64_t latency_sum_ns

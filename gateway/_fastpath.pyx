@@ -50,6 +50,12 @@ IS_COMPILED = True
 cdef bytes _HEAD = _protocol.TRADE_HEAD
 cdef bytes _MID = _protocol.TRADE_MID
 cdef bytes _TAIL = _protocol.TRADE_TAIL
+cdef bytes _SEQ_MID = _protocol.SEQ_MID
+cdef bytes _EPOCH_MID = _protocol.EPOCH_MID
+cdef bytes _EPOCH_END = _protocol.EPOCH_END
+cdef bytes _PUB_SEQ = _protocol.PUBLISHED_SEQ
+cdef bytes _PUB_EPOCH = _protocol.PUBLISHED_EPOCH
+cdef Py_ssize_t _MAX_EPOCH = _protocol.MAX_EPOCH_LEN
 cdef Py_ssize_t _HEAD_LEN = len(_HEAD)
 cdef Py_ssize_t _MID_LEN = len(_MID)
 cdef Py_ssize_t _TAIL_LEN = len(_TAIL)
@@ -365,6 +371,105 @@ cdef inline void _write_trade_frame(char* out, const char* payload, Py_ssize_t p
     memcpy(out, PyBytes_AS_STRING(_TAIL), _TAIL_LEN)
 
 
+cdef struct Sequenced:
+    # Where the parts of a message publish_trade made lie in its payload.
+    int64_t seq
+    Py_ssize_t digits_len        # the seq's digits start right after PUBLISHED_SEQ
+    Py_ssize_t epoch_off
+    Py_ssize_t epoch_len
+    Py_ssize_t rest_off          # ',' (more fields follow) or '}' (empty trade)
+
+
+cdef inline bint _epoch_char(char c) noexcept nogil:
+    return (b'0' <= c <= b'9') or (b'a' <= c <= b'z') or (b'A' <= c <= b'Z') or c == b'_' or c == b'-'
+
+
+cdef bint _split_sequenced(const char* p, Py_ssize_t n, Sequenced* out) noexcept:
+    # True if the (already validated) payload starts the way publish_trade
+    # writes it: {"_seq":<1-18 digits>,"_epoch":"<1-32 of [0-9A-Za-z_-]>" then ',' or '}'.
+    cdef Py_ssize_t k = PyBytes_GET_SIZE(_PUB_SEQ), e = PyBytes_GET_SIZE(_PUB_EPOCH), i, start
+    cdef int64_t seq = 0
+    if n < k + e + 4 or memcmp(p, PyBytes_AS_STRING(_PUB_SEQ), k) != 0:
+        return False
+    i = start = k
+    while i < n and b'0' <= p[i] <= b'9' and i - start < 18:
+        seq = seq * 10 + (p[i] - 48)
+        i += 1
+    if i == start or p[start] == b'0' or n - i < e or memcmp(p + i, PyBytes_AS_STRING(_PUB_EPOCH), e) != 0:
+        return False
+    out.digits_len = i - start
+    i += e
+    start = i
+    while i < n and i - start <= _MAX_EPOCH and _epoch_char(p[i]):
+        i += 1
+    if i == start or i - start > _MAX_EPOCH or i + 1 >= n or p[i] != b'"':
+        return False
+    if p[i + 1] != b',' and p[i + 1] != b'}':
+        return False
+    out.seq = seq
+    out.epoch_off = start
+    out.epoch_len = i - start
+    out.rest_off = i + 1
+    return True
+
+
+cdef inline Py_ssize_t _seq_data_len(Py_ssize_t n, Sequenced* sq) noexcept nogil:
+    # data = '{' + what follows the ',' (n - rest_off bytes in all), or '{}'.
+    return 2 if sq.rest_off + 1 >= n else n - sq.rest_off
+
+
+cdef inline Py_ssize_t _seq_body_len(Py_ssize_t n, Sequenced* sq, Py_ssize_t tslen) noexcept:
+    return (_HEAD_LEN + _seq_data_len(n, sq) + PyBytes_GET_SIZE(_SEQ_MID) + sq.digits_len
+            + PyBytes_GET_SIZE(_EPOCH_MID) + sq.epoch_len + PyBytes_GET_SIZE(_EPOCH_END) + tslen
+            + _TAIL_LEN)
+
+
+cdef inline char* _put(char* out, bytes b) noexcept:
+    memcpy(out, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+    return out + PyBytes_GET_SIZE(b)
+
+
+cdef void _write_seq_frame(char* out, const char* p, Py_ssize_t n, Sequenced* sq,
+                           const char* ts, Py_ssize_t tslen) noexcept:
+    cdef Py_ssize_t body = _seq_body_len(n, sq, tslen)
+    _write_header(<uint8_t*>out, body)
+    out += _header_size(body)
+    out = _put(out, _HEAD)
+    out[0] = b'{'
+    if sq.rest_off + 1 >= n:
+        out[1] = b'}'
+        out += 2
+    else:
+        memcpy(out + 1, p + sq.rest_off + 1, n - sq.rest_off - 1)
+        out += n - sq.rest_off
+    out = _put(out, _SEQ_MID)
+    memcpy(out, p + PyBytes_GET_SIZE(_PUB_SEQ), sq.digits_len)
+    out += sq.digits_len
+    out = _put(out, _EPOCH_MID)
+    memcpy(out, p + sq.epoch_off, sq.epoch_len)
+    out += sq.epoch_len
+    out = _put(out, _EPOCH_END)
+    memcpy(out, ts, tslen)
+    out += tslen
+    _put(out, _TAIL)
+
+
+cpdef bytes encode_sequenced_frame(bytes data, long long seq, bytes epoch, long long timestamp_ms):
+    """The complete frame of a sequenced trade (``data``: the trade object as published)."""
+    return encode_text_frame(_protocol.sequenced_trade_body(data, seq, epoch, timestamp_ms))
+
+
+cpdef object split_published(bytes payload):
+    """(seq, epoch, data) if ``payload`` is a message publish_trade made, else None."""
+    cdef Sequenced sq
+    cdef const char* p = PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+    if not _split_sequenced(p, n, &sq):
+        return None
+    data = b"{}" if sq.rest_off + 1 >= n else b"{" + payload[sq.rest_off + 1:]
+    return sq.seq, payload[sq.epoch_off:sq.epoch_off + sq.epoch_len], data
+
+
 cpdef bytes encode_trade_frame(bytes payload, long long timestamp_ms):
     """The complete WebSocket frame that carries ``payload`` as a trade."""
     cdef char ts[24]
@@ -407,6 +512,7 @@ cdef class ClientListener(WSListener):
         self._sink = None
         self.frag = None
         self.conflated = {}
+        self.held = []
 
     def __dealloc__(self):
         free(self.out)
@@ -442,6 +548,9 @@ cdef class ClientListener(WSListener):
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.conflating = False
         self.conflated.clear()
+        self.holding = False
+        self.held = []
+        self.floors = None
         free(self.out)
         self.out = NULL
         self.out_len = self.out_cap = 0
@@ -458,20 +567,60 @@ cdef class ClientListener(WSListener):
             # held back (gap notices + latest trades) and ends conflation.
             self.session.on_drained(self)
 
-    cdef int conflate(self, object channel, const char* frame, Py_ssize_t size) except -1:
-        # Keep only the newest frame per channel; count the ones it replaces.
+    cdef int conflate(self, object channel, const char* frame, Py_ssize_t size, int64_t seq) except -1:
+        # Keep only the newest frame per channel; count the ones it replaces
+        # and, for sequenced trades, the first and last seq replaced.
         entry = self.conflated.get(channel)
         if entry is None:
-            self.conflated[channel] = [PyBytes_FromStringAndSize(frame, size), 0]
+            self.conflated[channel] = [PyBytes_FromStringAndSize(frame, size), 0, 0, 0, seq]
         else:
+            if (<list>entry)[4]:
+                if not (<list>entry)[2]:
+                    (<list>entry)[2] = (<list>entry)[4]
+                (<list>entry)[3] = (<list>entry)[4]
             (<list>entry)[0] = PyBytes_FromStringAndSize(frame, size)
             (<list>entry)[1] += 1
+            (<list>entry)[4] = seq
         return 0
 
     def take_conflated(self):
-        """[(channel, latest frame, skipped count)] in first-held order; clears them."""
-        held = [(k, v[0], v[1]) for k, v in self.conflated.items()]
+        """[(channel, latest frame, skipped count, first skipped seq, last skipped seq)]
+        in first-held order (seqs 0 for unsequenced trades); clears them."""
+        held = [(k, v[0], v[1], v[2], v[3]) for k, v in self.conflated.items()]
         self.conflated.clear()
+        return held
+
+    cdef int hold(self, object channel, int64_t seq, const char* frame, Py_ssize_t size) except -1:
+        self.held.append((channel, seq, PyBytes_FromStringAndSize(frame, size)))
+        return 0
+
+    def set_floor(self, bytes channel, bytes epoch, long long seq):
+        """Skip live trades of ``channel`` in ``epoch`` up to ``seq`` (already sent)."""
+        if self.floors is None:
+            self.floors = {}
+        self.floors[channel] = [epoch, seq]
+
+    cdef bint below_floor(self, object channel, const char* epoch, Py_ssize_t elen, int64_t seq) except -1:
+        if seq == 0:
+            return False                     # unsequenced trades have no position
+        cdef PyObject* found = PyDict_GetItem(self.floors, channel)
+        if found == NULL:
+            return False
+        floor = <list>found
+        if (PyBytes_GET_SIZE(floor[0]) == elen
+                and memcmp(PyBytes_AS_STRING(floor[0]), epoch, elen) == 0
+                and seq <= <int64_t>floor[1]):
+            return True
+        # Past the floor (or another epoch): the live stream has caught up.
+        del self.floors[channel]
+        if not self.floors:
+            self.floors = None
+        return False
+
+    def take_held(self):
+        """[(channel, seq, frame)] held while ``holding`` was set, in arrival order
+        (seq 0 for unsequenced trades); clears them."""
+        held, self.held = self.held, []
         return held
 
     cpdef send_text(self, bytes data):
@@ -644,6 +793,9 @@ cdef class FanOut:
         self.max_buffered = max_buffered
         self.slow_consumer_callback = slow_consumer_callback
         self.touched = []
+        self.positions = {}
+        self.holds = {}
+        self.gap_callback = None
         # One raw-deflate stream; a full flush after each message makes every
         # message decodable on its own, whoever received the ones before.
         self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
@@ -664,6 +816,23 @@ cdef class FanOut:
         finally:
             self.flush()
 
+    def position(self, bytes channel):
+        """(epoch, last seq routed) of a sequenced channel with subscribers, or None."""
+        pos = self.positions.get(channel)
+        return None if pos is None else (pos[0].decode(), pos[1])
+
+    def hold(self, bytes channel):
+        """Hold every message for ``channel`` (in order) until ``release``."""
+        if channel not in self.holds:
+            self.holds[channel] = []
+
+    def release(self, bytes channel):
+        """Stop holding ``channel``; the payloads held, in arrival order."""
+        return self.holds.pop(channel, [])
+
+    def holding(self, bytes channel):
+        return channel in self.holds
+
     def latency_histogram(self):
         """(upper bounds in seconds, counts per bucket incl. +Inf, sum in seconds)."""
         bounds = [_BUCKET_NS[b] / 1e9 for b in range(N_BUCKETS)]
@@ -680,27 +849,69 @@ cdef class FanOut:
 
     cdef int route(self, object channel, object payload, const char* ts, Py_ssize_t tslen) except -1:
         cdef PyObject* found
-        cdef list subs
+        cdef list subs, pos
         cdef ClientListener conn
-        cdef Py_ssize_t j, nsubs, plen, size, fsize, held = 0
+        cdef Py_ssize_t j, nsubs, plen, size, fsize, held = 0, skipped = 0
         cdef const char* fptr
+        cdef const char* p
+        cdef Sequenced sq
+        cdef int64_t seq = 0
         self.redis_messages += 1
         if type(payload) is not bytes or not _is_json_object(
                 <const uint8_t*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload)):
             self.dropped_payloads += 1
             return 0
+        if self.holds:
+            found = PyDict_GetItem(self.holds, channel)
+            if found != NULL:
+                (<list>found).append(payload)
+                return 0
         found = PyDict_GetItem(self.table.channels, channel)
         if found == NULL:
             self.unrouted_messages += 1
+            if self.positions:
+                self.positions.pop(channel, None)
             return 0
         subs = <list>found
         nsubs = PyList_GET_SIZE(subs)
-        # The envelope is encoded once per message, then copied per client.
+        p = PyBytes_AS_STRING(payload)
         plen = PyBytes_GET_SIZE(payload)
-        size = _trade_frame_size(plen, tslen)
-        if size > self.scratch_cap:
-            self._grow_scratch(size)
-        _write_trade_frame(self.scratch, PyBytes_AS_STRING(payload), plen, ts, tslen)
+        if _split_sequenced(p, plen, &sq):
+            seq = sq.seq
+            self.sequenced_messages += 1
+            found = PyDict_GetItem(self.positions, channel)
+            if found == NULL:
+                self.positions[channel] = [PyBytes_FromStringAndSize(p + sq.epoch_off, sq.epoch_len), seq]
+            else:
+                pos = <list>found
+                if (PyBytes_GET_SIZE(pos[0]) == sq.epoch_len
+                        and memcmp(PyBytes_AS_STRING(pos[0]), p + sq.epoch_off, sq.epoch_len) == 0):
+                    if seq <= <int64_t>pos[1]:
+                        # Already routed (a history fill overlapping the live
+                        # stream): each (epoch, seq) goes out once.
+                        self.duplicate_messages += 1
+                        return 0
+                    if seq > <int64_t>pos[1] + 1 and self.gap_callback is not None:
+                        # The gateway missed trades on this channel: hold it
+                        # and let the control plane fill the gap first.
+                        self.holds[channel] = [payload]
+                        self.gap_callback(channel, pos[0].decode(), pos[1], seq)
+                        return 0
+                    pos[1] = seq
+                else:
+                    pos[0] = PyBytes_FromStringAndSize(p + sq.epoch_off, sq.epoch_len)
+                    pos[1] = seq
+            size = _seq_body_len(plen, &sq, tslen)
+            size += _header_size(size)
+            if size > self.scratch_cap:
+                self._grow_scratch(size)
+            _write_seq_frame(self.scratch, p, plen, &sq, ts, tslen)
+        else:
+            # The envelope is encoded once per message, then copied per client.
+            size = _trade_frame_size(plen, tslen)
+            if size > self.scratch_cap:
+                self._grow_scratch(size)
+            _write_trade_frame(self.scratch, p, plen, ts, tslen)
         zframe = None
         for j in range(nsubs):
             conn = <ClientListener>PyList_GET_ITEM(subs, j)
@@ -714,17 +925,24 @@ cdef class FanOut:
             else:
                 fptr = self.scratch
                 fsize = size
-            if conn.conflating:
-                conn.conflate(channel, fptr, fsize)
+            if conn.floors is not None and conn.below_floor(
+                    channel, p + sq.epoch_off if seq else NULL, sq.epoch_len if seq else 0, seq):
+                skipped += 1
+                continue
+            if conn.holding or conn.conflating:
+                if conn.holding:
+                    conn.hold(channel, seq, fptr, fsize)
+                else:
+                    conn.conflate(channel, fptr, fsize, seq)
                 held += 1
                 continue
             conn.append_frame(fptr, fsize)
             if not conn.in_batch:
                 conn.in_batch = True
                 self.touched.append(conn)
-        self.frames_sent += nsubs - held
+        self.frames_sent += nsubs - held - skipped
         self.conflated_messages += held
-        self.bytes_sent += <uint64_t>((nsubs - held) * size)
+        self.bytes_sent += <uint64_t>((nsubs - held - skipped) * size)
         return 0
 
     cdef bytes _deflate_frame(self, Py_ssize_t size):

@@ -22,6 +22,7 @@ import orjson
 from picows import WSListener, WSMsgType
 
 from . import frames as _frames
+from . import protocol as _protocol
 from .protocol import TRADE_HEAD, TRADE_MID, TRADE_TAIL
 
 IS_COMPILED = False
@@ -69,6 +70,16 @@ def _trade_body(payload: bytes, ts: bytes) -> bytes:
     return b"".join((TRADE_HEAD, payload, TRADE_MID, ts, TRADE_TAIL))
 
 
+def encode_sequenced_frame(data: bytes, seq: int, epoch: bytes, timestamp_ms: int) -> bytes:
+    """The complete frame of a sequenced trade (``data``: the trade object as published)."""
+    return encode_text_frame(_protocol.sequenced_trade_body(data, seq, epoch, timestamp_ms))
+
+
+def split_published(payload: bytes) -> tuple[int, bytes, bytes] | None:
+    """(seq, epoch, data) if ``payload`` is a message publish_trade made, else None."""
+    return _protocol.split_published(payload)
+
+
 def encode_trade_frame(payload: bytes, timestamp_ms: int) -> bytes:
     """The complete WebSocket frame that carries ``payload`` as a trade."""
     return encode_text_frame(_trade_body(payload, str(timestamp_ms).encode()))
@@ -77,8 +88,8 @@ def encode_trade_frame(payload: bytes, timestamp_ms: int) -> bytes:
 class ClientListener(WSListener):
     """One WebSocket client; see gateway._fastpath.ClientListener."""
 
-    __slots__ = ("session", "sink", "conflating", "frag", "deflate", "_transport", "_symbols",
-                 "_paused", "_conflated", "_out", "_in_batch")
+    __slots__ = ("session", "sink", "conflating", "holding", "frag", "deflate", "_transport",
+                 "_symbols", "_paused", "_conflated", "_held", "_floors", "_out", "_in_batch")
 
     transport = property(attrgetter("_transport"))
     symbols = property(attrgetter("_symbols"))
@@ -89,6 +100,9 @@ class ClientListener(WSListener):
         self.session = session
         self.sink: Callable[[bytes], Any] | None = None
         self.conflating = False
+        self.holding = False
+        self._held: list[tuple[bytes, int, bytes]] = []
+        self._floors: dict[bytes, list] | None = None
         self.frag: _frames.Reassembly | None = None
         self.deflate = False
         self._transport: Any = None
@@ -118,6 +132,9 @@ class ClientListener(WSListener):
     def on_ws_disconnected(self, transport):
         self.conflating = False
         self._conflated.clear()
+        self.holding = False
+        self._held = []
+        self._floors = None
         self._out = bytearray()
         if self.session is not None:
             self.session.on_disconnected(self)
@@ -130,18 +147,49 @@ class ClientListener(WSListener):
         if self.conflating and self.session is not None:
             self.session.on_drained(self)
 
-    def _conflate(self, channel: bytes, frame: bytes) -> None:
+    def _conflate(self, channel: bytes, frame: bytes, seq: int) -> None:
         entry = self._conflated.get(channel)
         if entry is None:
-            self._conflated[channel] = [frame, 0]
+            self._conflated[channel] = [frame, 0, 0, 0, seq]
         else:
+            if entry[4]:
+                if not entry[2]:
+                    entry[2] = entry[4]
+                entry[3] = entry[4]
             entry[0] = frame
             entry[1] += 1
+            entry[4] = seq
 
-    def take_conflated(self) -> list[tuple[bytes, bytes, int]]:
-        """[(channel, latest frame, skipped count)] in first-held order; clears them."""
-        held = [(k, v[0], v[1]) for k, v in self._conflated.items()]
+    def take_conflated(self) -> list[tuple[bytes, bytes, int, int, int]]:
+        """[(channel, latest frame, skipped count, first skipped seq, last skipped seq)]
+        in first-held order (seqs 0 for unsequenced trades); clears them."""
+        held = [(k, v[0], v[1], v[2], v[3]) for k, v in self._conflated.items()]
         self._conflated.clear()
+        return held
+
+    def set_floor(self, channel: bytes, epoch: bytes, seq: int) -> None:
+        """Skip live trades of ``channel`` in ``epoch`` up to ``seq`` (already sent)."""
+        if self._floors is None:
+            self._floors = {}
+        self._floors[channel] = [epoch, seq]
+
+    def _below_floor(self, channel: bytes, epoch: bytes, seq: int) -> bool:
+        if not seq or self._floors is None:
+            return False
+        floor = self._floors.get(channel)
+        if floor is None:
+            return False
+        if floor[0] == epoch and seq <= floor[1]:
+            return True
+        del self._floors[channel]
+        if not self._floors:
+            self._floors = None
+        return False
+
+    def take_held(self) -> list[tuple[bytes, int, bytes]]:
+        """[(channel, seq, frame)] held while ``holding`` was set, in arrival order
+        (seq 0 for unsequenced trades); clears them."""
+        held, self._held = self._held, []
         return held
 
     def send_text(self, data: bytes) -> None:
@@ -262,7 +310,8 @@ class FanOut:
     __slots__ = ("_table", "max_buffered", "slow_consumer_callback", "_touched", "_compressor",
                  "_latency_counts", "_latency_sum_ns", "_redis_messages", "_frames_sent",
                  "_bytes_sent", "_writes", "_dropped_payloads", "_unrouted_messages", "_batches",
-                 "_dispatch_errors", "_conflated_messages", "_compressed_messages")
+                 "_dispatch_errors", "_conflated_messages", "_compressed_messages",
+                 "_sequenced_messages", "_duplicate_messages", "_positions", "_holds", "gap_callback")
 
     # Read-only from outside, as in the compiled module.
     table = property(attrgetter("_table"))
@@ -276,6 +325,8 @@ class FanOut:
     dispatch_errors = property(attrgetter("_dispatch_errors"))
     conflated_messages = property(attrgetter("_conflated_messages"))
     compressed_messages = property(attrgetter("_compressed_messages"))
+    sequenced_messages = property(attrgetter("_sequenced_messages"))
+    duplicate_messages = property(attrgetter("_duplicate_messages"))
 
     def __init__(self, table: SymbolTable, max_buffered: int = 1 << 20,
                  slow_consumer_callback: Callable[[ClientListener], Any] | None = None):
@@ -289,6 +340,10 @@ class FanOut:
         self._redis_messages = self._frames_sent = self._bytes_sent = self._writes = 0
         self._dropped_payloads = self._unrouted_messages = self._batches = 0
         self._dispatch_errors = self._conflated_messages = self._compressed_messages = 0
+        self._sequenced_messages = self._duplicate_messages = 0
+        self._positions: dict[bytes, list] = {}
+        self._holds: dict[bytes, list[bytes]] = {}
+        self.gap_callback: Callable[[bytes, str, int, int], Any] | None = None
 
     def dispatch(self, replies: list) -> None:
         """Route already-parsed Redis replies (pmessages; others are ignored)
@@ -300,6 +355,22 @@ class FanOut:
                     self._route(reply[2], reply[3], ts)
         finally:
             self._flush()
+
+    def position(self, channel: bytes) -> tuple[str, int] | None:
+        """(epoch, last seq routed) of a sequenced channel with subscribers, or None."""
+        pos = self._positions.get(channel)
+        return None if pos is None else (pos[0].decode(), pos[1])
+
+    def hold(self, channel: bytes) -> None:
+        """Hold every message for ``channel`` (in order) until ``release``."""
+        self._holds.setdefault(channel, [])
+
+    def release(self, channel: bytes) -> list[bytes]:
+        """Stop holding ``channel``; the payloads held, in arrival order."""
+        return self._holds.pop(channel, [])
+
+    def holding(self, channel: bytes) -> bool:
+        return channel in self._holds
 
     def latency_histogram(self) -> tuple[list[float], list[int], float]:
         """(upper bounds in seconds, counts per bucket incl. +Inf, sum in seconds)."""
@@ -317,31 +388,65 @@ class FanOut:
         if type(payload) is not bytes or not is_json_object(payload):
             self._dropped_payloads += 1
             return
+        if self._holds and channel in self._holds:
+            self._holds[channel].append(payload)
+            return
         subs = self._table.lookup(channel) if type(channel) is bytes else None
         if subs is None:
             self._unrouted_messages += 1
+            if self._positions:
+                self._positions.pop(channel, None)
             return
-        body = _trade_body(payload, ts)
+        sequenced = split_published(payload)
+        seq = 0
+        epoch = b""
+        if sequenced is not None:
+            seq, epoch, data = sequenced
+            self._sequenced_messages += 1
+            pos = self._positions.get(channel)
+            if pos is None:
+                self._positions[channel] = [epoch, seq]
+            elif pos[0] == epoch:
+                if seq <= pos[1]:
+                    self._duplicate_messages += 1
+                    return
+                if seq > pos[1] + 1 and self.gap_callback is not None:
+                    self._holds[channel] = [payload]
+                    self.gap_callback(channel, pos[0].decode(), pos[1], seq)
+                    return
+                pos[1] = seq
+            else:
+                pos[0], pos[1] = epoch, seq
+            body = b"".join((TRADE_HEAD, data, _protocol.SEQ_MID, str(seq).encode(),
+                             _protocol.EPOCH_MID, epoch, _protocol.EPOCH_END, ts, TRADE_TAIL))
+        else:
+            body = _trade_body(payload, ts)
         frame = encode_text_frame(body)
         zframe = None
-        held = 0
+        held = skipped = 0
         for conn in subs:
+            if conn._floors is not None and conn._below_floor(channel, epoch, seq):
+                skipped += 1
+                continue
             f = frame
             if conn.deflate:
                 if zframe is None:
                     zframe = self._deflate_frame(body)
                 f = zframe
-            if conn.conflating:
-                conn._conflate(channel, f)
+            if conn.holding or conn.conflating:
+                if conn.holding:
+                    conn._held.append((channel, seq, f))
+                else:
+                    conn._conflate(channel, f, seq)
                 held += 1
                 continue
             conn._out += f
             if not conn._in_batch:
                 conn._in_batch = True
                 self._touched.append(conn)
-        self._frames_sent += len(subs) - held
+        self._frames_sent += len(subs) - held - skipped
         self._conflated_messages += held
-        self._bytes_sent += (len(subs) - held) * len(frame)
+        self._bytes_sent += (len(subs) - held - skipped) * len(frame)
 
     def _deflate_frame(self, body: bytes) -> bytes:
         z = self._compressor.compress(body) + self._compressor.flush(zlib.Z_FULL_FLUSH)

@@ -56,6 +56,26 @@ def _acceptable(offer: str) -> bool:
     return True
 
 
+_frame_compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+
+
+def deflate_frame(frame: bytes) -> bytes:
+    """A server text frame (unmasked, FIN) as the same message compressed
+    for a client that negotiated the extension (replays, not the hot path)."""
+    n = frame[1]
+    start = 2 if n < 126 else (4 if n == 126 else 10)
+    z = _frame_compressor.compress(frame[start:]) + _frame_compressor.flush(zlib.Z_FULL_FLUSH)
+    z = z[:-4]  # RFC 7692 7.2.1: drop the trailing 00 00 ff ff
+    size = len(z)
+    if size < 126:
+        head = bytes((0xC1, size))
+    elif size < 65536:
+        head = bytes((0xC1, 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0xC1, 127)) + size.to_bytes(8, "big")
+    return head + z
+
+
 def _digits(value: str) -> bool:
     # str.isdigit() also takes superscripts that int() refuses.
     return value.isascii() and value.isdigit()

@@ -252,6 +252,9 @@ SETTINGS: tuple[Setting, ...] = (
             "PEM certificate (chain) file: serve wss:// (needs WS_TLS_KEY)"),
     Setting("tls_key", "WS_TLS_KEY", "--tls-key", "", _optional_file,
             "PEM private key file for WS_TLS_CERT"),
+    Setting("history_size", "WS_HISTORY_SIZE", "--history-size", "10000", _int(1, 10_000_000),
+            "trades kept per symbol for replay (the publish_trade Redis Function's stream length, "
+            "set when the gateway loads it)"),
     Setting("compression", "WS_COMPRESSION", "--compression", "on", _on_off,
             "permessage-deflate for clients that offer it: on or off"),
     Setting("log_level", "LOG_LEVEL", "--log-level", "INFO", _log_level,
@@ -283,6 +286,7 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     tls_cert: str = ""
     tls_key: str = ""
+    history_size: int = 10000
     compression: bool = True
     log_level: str = "INFO"
     redis: RedisTarget = dataclasses.field(default_factory=RedisTarget)

@@ -11,7 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import protocol
-from .protocol import ClientError
+from .protocol import ClientError, Position
+
+# What a subscribe asks to be put in front of the live stream, per newly
+# subscribed symbol: trades after a Position, or the latest one (None).
+Resume = list[tuple[str, Position | None]]
 
 
 class ControlHandler:
@@ -23,27 +27,43 @@ class ControlHandler:
         self.errors: dict[str, int] = {}
 
     def handle(self, conn, data: bytes, is_text: bool = True, max_symbols: int = 5) -> bytes:
+        return self.process(conn, data, is_text, max_symbols)[0]
+
+    def process(self, conn, data: bytes, is_text: bool = True, max_symbols: int = 5
+                ) -> tuple[bytes, Resume]:
+        """The reply, and for a subscribe what to replay before the live stream
+        of each newly subscribed symbol (symbols already held replay nothing)."""
         ts = self.clock()
         try:
             request = protocol.parse_request(data, is_text)
             if request.action == "ping":
-                return protocol.pong(ts)
+                return protocol.pong(ts), []
             if request.action == "subscribe":
-                return self._subscribe(conn, request.symbols, max_symbols, ts)
-            return self._unsubscribe(conn, request.symbols, ts)
+                new = self._new_symbols(conn, request.symbols, max_symbols)
+                reply = self._subscribe(conn, new, ts)
+                since = dict(request.since)
+                resume: Resume = [(s, since[s]) for s in new if s in since]
+                if request.snapshot:
+                    resume += [(s, None) for s in new if s not in since]
+                return reply, resume
+            return self._unsubscribe(conn, request.symbols, ts), []
         except ClientError as exc:
             self.count_error(exc.kind)
-            return protocol.error(str(exc), ts)
+            return protocol.error(str(exc), ts), []
 
     def count_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
-    def _subscribe(self, conn, symbols: tuple[str, ...], max_symbols: int, ts: int) -> bytes:
+    @staticmethod
+    def _new_symbols(conn, symbols: tuple[str, ...], max_symbols: int) -> list[str]:
         current = conn.symbols
         new = [s for s in symbols if s not in current]
         if len(current) + len(new) > max_symbols:
             # All or nothing: a refused request changes no subscription.
             raise protocol.symbol_limit_error(max_symbols)
+        return new
+
+    def _subscribe(self, conn, new: list[str], ts: int) -> bytes:
         for s in new:
             self.table.subscribe(conn, s)
         return protocol.subscribed(new, list(conn.symbols), ts)

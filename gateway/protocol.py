@@ -25,9 +25,63 @@ TRADE_MID = b',"timestamp":'
 TRADE_TAIL = b"}"
 
 
+# A sequenced trade (published through the publish_trade Redis Function,
+# gateway/trades.lua) carries its position after the data:
+# TRADE_HEAD + data + SEQ_MID + seq + EPOCH_MID + epoch + EPOCH_END + ms + TRADE_TAIL.
+SEQ_MID = b',"seq":'
+EPOCH_MID = b',"epoch":"'
+EPOCH_END = b'","timestamp":'
+# On Redis, the function publishes PUBLISHED_SEQ + seq + PUBLISHED_EPOCH + epoch + '"'
+# followed by ',' + the rest of the trade object (or '}' for an empty one), so
+# plain subscribers still get one JSON object and the gateway can cut the
+# position off without parsing JSON.
+PUBLISHED_SEQ = b'{"_seq":'
+PUBLISHED_EPOCH = b',"_epoch":"'
+MAX_EPOCH_LEN = 32
+
+
 def trade_body(payload: bytes, timestamp_ms: int) -> bytes:
     """The text of a trade message around ``payload`` (a JSON object, as published)."""
     return b"".join((TRADE_HEAD, payload, TRADE_MID, str(timestamp_ms).encode(), TRADE_TAIL))
+
+
+def sequenced_trade_body(data: bytes, seq: int, epoch: bytes, timestamp_ms: int) -> bytes:
+    """The text of a sequenced trade message: ``data`` is the trade object as published."""
+    return b"".join((TRADE_HEAD, data, SEQ_MID, str(seq).encode(), EPOCH_MID, epoch, EPOCH_END,
+                     str(timestamp_ms).encode(), TRADE_TAIL))
+
+
+def published_form(data: bytes, seq: int, epoch: bytes) -> bytes:
+    """What publish_trade puts on the channel for trade object ``data`` (trimmed)."""
+    head = b"".join((PUBLISHED_SEQ, str(seq).encode(), PUBLISHED_EPOCH, epoch, b'"'))
+    inner = data[1:]
+    return head + (b"}" if inner.strip() == b"}" else b"," + inner)
+
+
+def split_published(payload: bytes) -> tuple[int, bytes, bytes] | None:
+    """(seq, epoch, data) of a sequenced message, or None for a plain one.
+    The reference the fast paths are tested against."""
+    if not payload.startswith(PUBLISHED_SEQ):
+        return None
+    i = len(PUBLISHED_SEQ)
+    j = i
+    while j < len(payload) and 0x30 <= payload[j] <= 0x39:
+        j += 1
+    digits = payload[i:j]
+    if not 1 <= len(digits) <= 18 or (digits[0] == 0x30) or not payload.startswith(PUBLISHED_EPOCH, j):
+        return None
+    k = j + len(PUBLISHED_EPOCH)
+    end = payload.find(b'"', k)
+    epoch = payload[k:end] if end > 0 else b""
+    if not 1 <= len(epoch) <= MAX_EPOCH_LEN or not all(
+            c in b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-" for c in epoch):
+        return None
+    rest = payload[end + 1:]
+    if rest[:1] == b",":
+        return int(digits), epoch, b"{" + rest[1:]
+    if rest[:1] == b"}":
+        return int(digits), epoch, b"{}"
+    return None
 
 
 # --- client requests -------------------------------------------------------
@@ -45,11 +99,21 @@ class ClientError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Position:
+    """Where a client's stream of one symbol stopped: the last (epoch, seq) it got."""
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     """One parsed client request. ``symbols`` is upper-cased, de-duplicated,
-    in the client's order, and empty for ``ping``."""
+    in the client's order, and empty for ``ping``. ``since`` (symbol ->
+    Position) and ``snapshot`` are the optional members of ``subscribe``."""
     action: str
     symbols: tuple[str, ...] = ()
+    since: tuple[tuple[str, Position], ...] = ()
+    snapshot: bool = False
 
 
 def parse_request(data: bytes, is_text: bool = True) -> Request:
@@ -71,7 +135,47 @@ def parse_request(data: bytes, is_text: bool = True) -> Request:
             "unknown_action")
     if action == "ping":
         return Request("ping")
-    return Request(action, _symbols(msg, action))
+    symbols = _symbols(msg, action)
+    if action != "subscribe":
+        return Request(action, symbols)
+    return Request(action, symbols, _since(msg, symbols), _snapshot(msg))
+
+
+SINCE_FORM = '{"SYMBOL": {"epoch": "<epoch>", "seq": <last seq received>}}'
+
+
+def _since(msg: dict, symbols: tuple[str, ...]) -> tuple[tuple[str, Position], ...]:
+    if "since" not in msg:
+        return ()
+    raw = msg["since"]
+    if not isinstance(raw, dict):
+        raise ClientError(f'Invalid "since": expected an object like {SINCE_FORM}', "invalid_since")
+    out: list[tuple[str, Position]] = []
+    for key, value in raw.items():
+        symbol = key.upper() if SYMBOL_RE.fullmatch(key) else None
+        if symbol is None or symbol not in symbols:
+            raise ClientError(f'Invalid "since": {_show(key)} is not a symbol of this request',
+                              "invalid_since")
+        if not isinstance(value, dict):
+            raise ClientError(f'Invalid "since" for {symbol}: expected {{"epoch": ..., "seq": ...}}',
+                              "invalid_since")
+        epoch = value.get("epoch")
+        if not isinstance(epoch, str) or not epoch or len(epoch) > MAX_EPOCH_LEN:
+            raise ClientError(f'Invalid "since" for {symbol}: "epoch" must be a non-empty string '
+                              f'of at most {MAX_EPOCH_LEN} characters', "invalid_since")
+        seq = value.get("seq")
+        if type(seq) is not int or seq < 0:
+            raise ClientError(f'Invalid "since" for {symbol}: "seq" must be a non-negative integer',
+                              "invalid_since")
+        out.append((sys.intern(symbol), Position(epoch, seq)))
+    return tuple(out)
+
+
+def _snapshot(msg: dict) -> bool:
+    value = msg.get("snapshot", False)
+    if type(value) is not bool:
+        raise ClientError('Invalid "snapshot": expected true or false', "invalid_snapshot")
+    return value
 
 
 def request(action: str, symbols: list[str] | tuple[str, ...] = ()) -> bytes:
@@ -173,9 +277,26 @@ def rate_limited(rate: float, burst: int, timestamp: int) -> bytes:
                  f"(burst {burst}); message ignored", timestamp)
 
 
-def gap(symbol: str, skipped: int, timestamp: int) -> bytes:
-    """Sent to a conflating client before the latest trade it was held back on."""
-    return encode({"type": "gap", "data": {"symbol": symbol, "skipped": skipped},
+def gap(symbol: str, skipped: int, timestamp: int, *, epoch: str | None = None,
+        from_seq: int = 0, to_seq: int = 0) -> bytes:
+    """Sent to a conflating client before the latest trade it was held back on;
+    ``from``/``to`` name the skipped seqs when the trades were sequenced."""
+    data: dict[str, Any] = {"symbol": symbol, "skipped": skipped}
+    if from_seq:
+        data.update(epoch=epoch, **{"from": from_seq, "to": to_seq}, reason="slow_consumer")
+    return encode({"type": "gap", "data": data, "timestamp": timestamp})
+
+
+GAP_TRIMMED = "trimmed"                 # the history no longer holds them
+GAP_EPOCH_CHANGED = "epoch_changed"     # the history was started anew
+GAP_UNAVAILABLE = "unavailable"         # the history could not be read
+
+
+def history_gap(symbol: str, epoch: str | None, from_seq: int, to_seq: int, reason: str,
+                timestamp: int) -> bytes:
+    """Trades ``from_seq``..``to_seq`` of ``epoch`` cannot be delivered."""
+    return encode({"type": "gap", "data": {"symbol": symbol, "epoch": epoch, "from": from_seq,
+                                           "to": to_seq, "reason": reason},
                    "timestamp": timestamp})
 
 

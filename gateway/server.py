@@ -19,13 +19,14 @@ from typing import Any
 
 from picows import WSCloseCode, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
-from . import compression, fastpath, metrics, picows_adapter, protocol
+from . import compression, fastpath, metrics, picows_adapter, protocol, sequencing
 from .access import AccessPolicy, Refusal
-from .config import Config
+from .config import Config, RedisTarget
 from .control import ControlHandler
 from .counters import Counters
 from .endpoints import Endpoints, http_answer
 from .redis_reader import RedisSubscriber
+from .replay import Replayer
 from .session import Hub, Session, SessionPolicy, abort, on_slow_consumer
 from .stats import Stats
 
@@ -57,7 +58,17 @@ class Gateway:
         self.hub = Hub(SessionPolicy.from_config(config), self.server_id, self.table, self.control,
                        self.access, self.counters, self.sessions)
         self.redis = RedisSubscriber(config.redis, config.channel_prefix + "*",
-                                     lambda on_reply: self.impl.SubscriptionReader(self.fanout, on_reply))
+                                     lambda on_reply: self.impl.SubscriptionReader(self.fanout, on_reply),
+                                     on_state=self._on_redis_state)
+        # A second connection for commands: history reads, loading the library.
+        self.history = history_client(config.redis)
+        self.replayer = Replayer(
+            self.impl, self.fanout, self.table,
+            lambda symbol, after, count: sequencing.read_history(self.history, symbol, after, count),
+            config.history_size, compression.deflate_frame)
+        self.fanout.gap_callback = self.replayer.on_gap
+        self.hub.replayer = self.replayer
+        self._subscribed_before = False
         self.counters.redis = self.redis
         self.stats = Stats(self.counters, self.server_id)
         self.endpoints = Endpoints(self.server_id, self._not_ready,
@@ -94,6 +105,29 @@ class Gateway:
                     listener)
         return listener
 
+    def _on_redis_state(self, ready: bool, reason: str) -> None:
+        if ready:
+            if self._subscribed_before:
+                # Back after a drop: deliver what was published meanwhile
+                # before anything newer, and load the library again (a
+                # Redis restarted without persistence has lost it).
+                self.replayer.refill()
+                task = asyncio.get_running_loop().create_task(self._load_library())
+                self._tasks.append(task)
+            self._subscribed_before = True
+
+    async def _load_library(self) -> None:
+        c = self.config
+        try:
+            await asyncio.wait_for(sequencing.aload_library(self.history, c.channel_prefix,
+                                                            c.history_size), 5.0)
+        except Exception as exc:
+            log.warning("could not load the publish_trade Redis Function library (%s); sequenced "
+                        "publishing needs it loaded once: ws-gateway-functions load", exc)
+        else:
+            log.info("Redis Function library ws_gateway loaded (history of %d trades per symbol)",
+                     c.history_size)
+
     def _not_ready(self) -> str | None:
         if self.hub.closing:
             return "shutting down"
@@ -111,6 +145,7 @@ class Gateway:
             read_buffer_init_size=READ_BUFFER_INIT_SIZE,
         )
         self.port = self.server.sockets[0].getsockname()[1]
+        await self._load_library()
         self.redis.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._heartbeat(), name="heartbeat"))
@@ -147,8 +182,20 @@ class Gateway:
         for t in transports:
             abort(t)
         await self.redis.stop()
+        await self.replayer.close()
+        await self.history.aclose()
         self.stats.log_now()
         log.info("stopped")
+
+
+def history_client(target: RedisTarget):
+    """A redis.asyncio client for commands on the same Redis as the subscription."""
+    import redis.asyncio as aredis
+    if target.unix_path:
+        return aredis.Redis(unix_socket_path=target.unix_path, username=target.username,
+                            password=target.password, db=target.db)
+    return aredis.Redis(host=target.host, port=target.port, ssl=target.tls, username=target.username,
+                        password=target.password, db=target.db)
 
 
 def _normalize_connection_header(headers) -> None:

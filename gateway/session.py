@@ -57,7 +57,7 @@ class Hub:
     """What every session of one gateway shares."""
 
     __slots__ = ("policy", "server_id", "table", "control", "access", "counters", "sessions",
-                 "closing")
+                 "closing", "replayer")
 
     def __init__(self, policy: SessionPolicy, server_id: str, table, control: ControlHandler,
                  access: AccessPolicy, counters: Counters, sessions: set[Session]):
@@ -69,6 +69,7 @@ class Hub:
         self.counters = counters
         self.sessions = sessions
         self.closing = False
+        self.replayer: Any = None       # gateway.replay.Replayer, when history is on
 
 
 class Session:
@@ -134,7 +135,12 @@ class Session:
                 hub.counters.count_error("bad_compression" if exc.code == 1007 else "too_big")
                 frames.fail(listener, exc.code, exc.reason)
                 return
-        listener.send_text(hub.control.handle(listener, data, is_text, self.max_symbols))
+        reply, resume = hub.control.process(listener, data, is_text, self.max_symbols)
+        if resume and hub.replayer is not None:
+            # Holds the listener's live frames now, before the loop can run
+            # a fan-out, so the reply and the replay come first.
+            hub.replayer.resume(listener, resume)
+        listener.send_text(reply)
         if listener.paused and listener.write_buffer_size() > hub.policy.max_buffered_bytes:
             # Requests sent faster than their replies are read: replies
             # cannot be conflated, so whatever the policy, this one is closed.
@@ -147,9 +153,13 @@ class Session:
         """A conflating client drained: send what it missed, then resume."""
         listener.conflating = False
         prefix = self.hub.table.prefix
+        fanout = self.hub.counters.fanout
         ts = protocol.now_ms()
-        for channel, frame, skipped in listener.take_conflated():
-            listener.send_text(protocol.gap(channel[len(prefix):].decode(), skipped, ts))
+        for channel, frame, skipped, first, last in listener.take_conflated():
+            position = fanout.position(channel) if first else None
+            listener.send_text(protocol.gap(channel[len(prefix):].decode(), skipped, ts,
+                                            epoch=position[0] if position else None,
+                                            from_seq=first, to_seq=last))
             listener.send_frame(frame)
 
     def on_disconnected(self, listener) -> None:

@@ -59,6 +59,7 @@ INT_BOUNDS = {
     "max_connections_per_user": (0, None),
     "max_connections_per_ip": (0, None),
     "connect_burst": (0, None),
+    "history_size": (1, 10_000_000),
 }
 
 

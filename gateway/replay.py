@@ -1,0 +1,240 @@
+"""Replays from the trade history: client resumes, snapshots, and the
+gateway's own gap fill.
+
+A client that subscribes with ``since`` or ``snapshot`` is put on hold (its
+listener keeps every live frame instead of sending it), its subscribe reply
+goes out, the history is read, and then it gets: a gap notice if part of what
+it asked for is gone, the history it missed, and the frames held meanwhile
+minus those the history already covered. A floor on the listener then skips
+live trades the history already delivered until the live stream passes them,
+so the seam has no duplicate and no hole whatever the order in which the
+history reply and the live messages arrive.
+
+The gateway fills its own gaps the same way, one level up: when the fan-out
+sees a sequenced trade skip ahead on a channel (or the Redis subscription
+comes back after a drop), it holds that channel, reads what it missed from
+the history, routes it, then routes what it held; positions drop duplicates.
+
+History reads for one symbol that are asked for in the same loop turn share
+one read, so a thousand clients resuming the same symbols cost a handful of
+Redis calls, not thousands.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import protocol
+from .control import Resume
+from .sequencing import HistoryRead
+
+log = logging.getLogger("gateway.replay")
+
+ReadHistory = Callable[[str, int, int], Awaitable[HistoryRead]]
+
+
+class Replayer:
+    def __init__(self, impl, fanout, table, read_history: ReadHistory, max_entries: int,
+                 deflate: Callable[[bytes], bytes]):
+        self.impl = impl
+        self.fanout = fanout
+        self.table = table
+        self.read_history = read_history
+        self.max_entries = max_entries
+        self.deflate = deflate
+        self._pending: dict[tuple[str, bool], list[tuple[int, asyncio.Future[HistoryRead]]]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.replays = 0            # client resumes and snapshots served
+        self.replayed_frames = 0
+        self.fills = 0              # gaps in the gateway's own stream filled
+        self.history_errors = 0
+
+    # --- shared reads ---------------------------------------------------------
+    def _read(self, symbol: str, after: int) -> asyncio.Future[HistoryRead]:
+        """A read of ``symbol``'s trades after ``after`` (-1: the latest
+        one), shared with the other reads of it asked for in this loop turn:
+        one read from the lowest position asked, filtered by each caller."""
+        key = (symbol, after < 0)
+        fut: asyncio.Future[HistoryRead] = asyncio.get_running_loop().create_future()
+        waiters = self._pending.get(key)
+        if waiters is None:
+            self._pending[key] = waiters = []
+            self._spawn(self._issue(key))
+        waiters.append((after, fut))
+        return fut
+
+    async def _issue(self, key: tuple[str, bool]) -> None:
+        await asyncio.sleep(0)            # let this turn's other requests join
+        waiters = self._pending.pop(key)
+        after = -1 if key[1] else min(a for a, _ in waiters)
+        try:
+            result = await self.read_history(key[0], after, self.max_entries)
+        except Exception as exc:  # Redis down or refusing: every waiter learns it
+            self.history_errors += 1
+            for _, fut in waiters:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for _, fut in waiters:
+            if not fut.done():
+                fut.set_result(result)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- client resumes ---------------------------------------------------------
+    def resume(self, listener, items: Resume) -> None:
+        """Put ``items`` in front of ``listener``'s live stream. Call right
+        after the subscribe that added them, before the loop runs again."""
+        listener.holding = True
+        self._spawn(self._resume(listener, items))
+
+    async def _resume(self, listener, items: Resume) -> None:
+        out: list[bytes] = []
+        floors: dict[bytes, int] = {}
+        try:
+            for symbol, since in items:
+                await self._plan(listener, symbol, since, out, floors)
+        except Exception:
+            log.exception("replay failed; the client goes on live")
+        finally:
+            self._release(listener, out, floors)
+
+    async def _plan(self, listener, symbol: str, since: protocol.Position | None,
+                    out: list[bytes], floors: dict[bytes, int]) -> None:
+        ts = protocol.now_ms()
+        channel = self.table.channel_for(symbol)
+        try:
+            h = await self._read(symbol, since.seq if since is not None else -1)
+        except Exception as exc:
+            log.warning("history of %s unavailable (%s): resume answered with a gap", symbol, exc)
+            if since is not None:
+                out.append(self._text(listener, protocol.history_gap(
+                    symbol, since.epoch, since.seq + 1, 0, protocol.GAP_UNAVAILABLE, ts)))
+            return
+        if since is None:                                   # snapshot: the latest trade
+            epoch = h.epoch
+            if epoch is not None and h.entries:
+                seq, data = h.entries[-1]
+                out.append(self._frame(listener, data, seq, epoch, ts))
+                floors[channel] = seq
+                self._floor(listener, channel, epoch, seq)
+            return
+        if h.epoch is None:
+            # Redis holds no history for it: whatever came after since is unknowable.
+            out.append(self._text(listener, protocol.history_gap(
+                symbol, None, 0, 0, protocol.GAP_EPOCH_CHANGED, ts)))
+            return
+        after = since.seq
+        if h.epoch != since.epoch:
+            # A new history: the client's position means nothing in it; it
+            # gets everything retained, after a notice of what is not.
+            if since.seq > 0:
+                h = await self._read(symbol, 0)
+            out.append(self._text(listener, protocol.history_gap(
+                symbol, h.epoch, 1, h.first - 1 if h.first else h.last,
+                protocol.GAP_EPOCH_CHANGED, ts)))
+            after = 0
+        elif h.first and after + 1 < h.first:
+            out.append(self._text(listener, protocol.history_gap(
+                symbol, h.epoch, after + 1, h.first - 1, protocol.GAP_TRIMMED, ts)))
+        elif not h.first and after < h.last:
+            # Nothing retained at all, yet seqs were assigned after since.
+            out.append(self._text(listener, protocol.history_gap(
+                symbol, h.epoch, after + 1, h.last, protocol.GAP_TRIMMED, ts)))
+        epoch = h.epoch
+        if epoch is None:          # gone between two reads: nothing to replay
+            return
+        last = after
+        for seq, data in h.entries:
+            if seq > after:
+                out.append(self._frame(listener, data, seq, epoch, ts))
+                self.replayed_frames += 1
+                last = seq
+        floors[channel] = last
+        self._floor(listener, channel, epoch, last)
+
+    def _floor(self, listener, channel: bytes, epoch: str, seq: int) -> None:
+        if seq > 0:
+            listener.set_floor(channel, epoch.encode(), seq)
+
+    def _frame(self, listener, data: bytes, seq: int, epoch: str, ts: int) -> bytes:
+        frame = self.impl.encode_sequenced_frame(data, seq, epoch.encode(), ts)
+        return self.deflate(frame) if listener.deflate else frame
+
+    def _text(self, listener, body: bytes) -> bytes:
+        frame = self.impl.encode_text_frame(body)
+        return self.deflate(frame) if listener.deflate else frame
+
+    def _release(self, listener, out: list[bytes], floors: dict[bytes, int]) -> None:
+        # The history first, then what arrived live meanwhile and is newer.
+        for channel, seq, frame in listener.take_held():
+            if seq and seq <= floors.get(channel, 0):
+                continue
+            out.append(frame)
+        listener.holding = False
+        self.replays += 1
+        t = listener.transport
+        if out and (t is not None or listener.sink is not None):
+            listener.send_frame(b"".join(out))
+
+    # --- the gateway's own gaps ---------------------------------------------
+    def on_gap(self, channel: bytes, epoch: str, last: int, seq: int) -> None:
+        """FanOut.gap_callback: the channel is held; fill last+1..seq-1."""
+        log.info("gap in %s: after %d came %d; filling from the history", channel, last, seq)
+        self._spawn(self._fill(channel, epoch, last))
+
+    def refill(self) -> None:
+        """After the Redis subscription comes back: fill every subscribed
+        sequenced channel from where the gateway stopped."""
+        for channel in list(self.fanout_channels()):
+            pos = self.fanout.position(channel)
+            if pos is None or self.fanout.holding(channel):
+                continue
+            self.fanout.hold(channel)
+            self._spawn(self._fill(channel, pos[0], pos[1]))
+
+    def fanout_channels(self) -> list[bytes]:
+        prefix = self.table.prefix
+        return [prefix + s.encode() for s in self.table.symbols()]
+
+    async def _fill(self, channel: bytes, epoch: str, last: int) -> None:
+        symbol = channel[len(self.table.prefix):].decode()
+        replies: list[Any] = []
+        try:
+            h = await self.read_history(symbol, last, self.max_entries)
+        except Exception as exc:
+            self.history_errors += 1
+            log.warning("cannot fill the gap in %s after seq %d (%s)", symbol, last, exc)
+            self._notify(channel, protocol.history_gap(symbol, epoch, last + 1, 0,
+                                                       protocol.GAP_UNAVAILABLE, protocol.now_ms()))
+        else:
+            if h.epoch == epoch:
+                if h.first and h.first > last + 1:
+                    self._notify(channel, protocol.history_gap(
+                        symbol, epoch, last + 1, h.first - 1, protocol.GAP_TRIMMED, protocol.now_ms()))
+                pattern = self.table.prefix + b"*"
+                for seq, data in h.entries:
+                    replies.append([b"pmessage", pattern, channel,
+                                    protocol.published_form(data, seq, epoch.encode())])
+                self.fills += 1
+        finally:
+            pattern = self.table.prefix + b"*"
+            held = self.fanout.release(channel)
+            replies.extend([b"pmessage", pattern, channel, p] for p in held)
+            # Routed in order; positions drop whatever the history already covered.
+            self.fanout.dispatch(replies)
+
+    def _notify(self, channel: bytes, body: bytes) -> None:
+        for conn in self.table.subscribers(channel[len(self.table.prefix):].decode()):
+            conn.send_text(body)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
