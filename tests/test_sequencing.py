@@ -190,7 +190,8 @@ def test_key_names_share_the_symbols_slot(r):
 BAD_PAYLOADS = [b"[1,2]", b"[]", b'{"a":', b"{'a':1}", b'"text"', b"", b"   ", b"42", b"null", b"true",
                 b'{"a":1} trailing', b'{"a":1}{"b":2}', b'{"a":nan}', b'{"a":inf}', b'{"a":0x10}',
                 b'{"a":1e400}', b'{"a":-1' + b"0" * 400 + b"}", b'{"a":"\xff"}', b'{"a":"\xc3"}',
-                b'{"a":"\xed\xa0\x80"}', b'{"a":"\\ud800"}', b"\x0b{}"]
+                b'{"a":"\xed\xa0\x80"}', b'{"a":"\\ud800"}', b"\x0b{}",
+                b'{"a":"' + b"x" * 9000 + b'\xff"}', b'{"a":"' + b"x" * 9000 + b'"}x']
 
 
 @pytest.mark.parametrize("payload", BAD_PAYLOADS, ids=repr)
@@ -216,7 +217,8 @@ def test_bad_payload_is_refused_and_spends_no_seq(r, payload):
 def test_valid_corner_payloads_are_taken(r):
     s = sym()
     for n, p in enumerate([b'{"a":1e300}', b'{"a":"\\u0000"}', b'{"a":"\\ud83d\\ude00"}',
-                           b'{"a":"\xf0\x9f\x98\x80"}', b'{"a":1' + b"0" * 290 + b"}"], 1):
+                           b'{"a":"\xf0\x9f\x98\x80"}', b'{"a":1' + b"0" * 290 + b"}",
+                           b'{"a":"' + b"x" * 20000 + b'"}', b'{"a":"' + b"x" * 9000 + "é".encode() + b'"}'], 1):
         orjson.loads(p)  # what the gateway accepts
         assert publish_trade(r, s, p) == n
 
