@@ -36,13 +36,13 @@ ReadHistory = Callable[[str, int, int], Awaitable[HistoryRead]]
 
 
 class Replayer:
-    def __init__(self, impl, fanout, table, read_history: ReadHistory, max_entries: int,
-                 deflate: Callable[[bytes], bytes]):
+    def __init__(self, impl, fanout, table, read_history: ReadHistory,
+                 deflate: Callable[[bytes], bytes], page: int = 1000):
         self.impl = impl
         self.fanout = fanout
         self.table = table
         self.read_history = read_history
-        self.max_entries = max_entries
+        self.page = page                # trades per history read
         self.deflate = deflate
         self._pending: dict[tuple[str, bool], list[tuple[int, asyncio.Future[HistoryRead]]]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -70,7 +70,7 @@ class Replayer:
         waiters = self._pending.pop(key)
         after = -1 if key[1] else min(a for a, _ in waiters)
         try:
-            result = await self.read_history(key[0], after, self.max_entries)
+            result = await self.read_all(key[0], after)
         except Exception as exc:  # Redis down or refusing: every waiter learns it
             self.history_errors += 1
             for _, fut in waiters:
@@ -80,6 +80,21 @@ class Replayer:
         for _, fut in waiters:
             if not fut.done():
                 fut.set_result(result)
+
+    async def read_all(self, symbol: str, after: int) -> HistoryRead:
+        """Every retained trade after ``after`` (-1: the latest one), read in
+        pages so that no single Redis call carries the whole history."""
+        h = await self.read_history(symbol, after, self.page)
+        if after < 0:
+            return h
+        entries = list(h.entries)
+        while entries and len(h.entries) == self.page and entries[-1][0] < h.last:
+            more = await self.read_history(symbol, entries[-1][0], self.page)
+            if more.epoch != h.epoch:
+                break            # started anew meanwhile: the next read sees it
+            entries.extend(more.entries)
+            h = HistoryRead(h.epoch, h.first, more.last, more.entries)
+        return HistoryRead(h.epoch, h.first, h.last, entries)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -206,7 +221,7 @@ class Replayer:
         symbol = channel[len(self.table.prefix):].decode()
         replies: list[Any] = []
         try:
-            h = await self.read_history(symbol, last, self.max_entries)
+            h = await self.read_all(symbol, last)
         except Exception as exc:
             self.history_errors += 1
             log.warning("cannot fill the gap in %s after seq %d (%s)", symbol, last, exc)

@@ -65,7 +65,7 @@ class Gateway:
         self.replayer = Replayer(
             self.impl, self.fanout, self.table,
             lambda symbol, after, count: sequencing.read_history(self.history, symbol, after, count),
-            config.history_size, compression.deflate_frame)
+            compression.deflate_frame)
         self.fanout.gap_callback = self.replayer.on_gap
         self.hub.replayer = self.replayer
         self._subscribed_before = False

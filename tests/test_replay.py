@@ -1,0 +1,311 @@
+"""Sequenced trades end to end, in process: the frame, resume with `since`,
+snapshots, gap notices (trimmed, epoch_changed), bad `since` forms, the
+conflation notice's seqs and the gateway's own gap fill. Real redis-server,
+real WebSocket clients, both fast paths and both loops."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+
+import orjson
+import pytest
+import websockets
+from conftest import running_gateway, wait_until
+
+from gateway.sequencing import publish_trade
+
+_names = itertools.count()
+
+
+def fresh(prefix: str = "S") -> str:
+    """A symbol no earlier test published to (the session's Redis keeps histories)."""
+    return f"{prefix}{next(_names)}X{id(object()) % 100000}"[:16].upper()
+
+
+async def connect(gw):
+    ws = await websockets.connect(f"ws://127.0.0.1:{gw.port}", compression=None)
+    assert orjson.loads(await ws.recv())["type"] == "success"
+    return ws
+
+
+async def recv(ws, timeout=5.0):
+    return orjson.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def subscribe(ws, symbols, **extra):
+    await ws.send(orjson.dumps({"action": "subscribe", "symbols": symbols, **extra}).decode())
+    reply = await recv(ws)
+    assert reply["type"] == "success", reply
+    return reply
+
+
+def publish(r, symbol, n, start=0):
+    return [publish_trade(r, symbol, {"symbol": symbol, "n": start + k}) for k in range(n)]
+
+
+async def trades(ws, count, timeout=5.0):
+    out = []
+    while len(out) < count:
+        msg = await recv(ws, timeout)
+        out.append(msg)
+    return out
+
+
+def test_sequenced_frame_bytes_and_plain_frames_unchanged(aio, impl, redis_server):
+    sym = fresh()
+
+    async def main():
+        async with running_gateway(impl, redis_server.url) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            ws = await connect(gw)
+            await subscribe(ws, [sym])
+            r = redis_server.client()
+            seq = publish_trade(r, sym, b'{"price":1.5, "symbol":"X"}')
+            raw = await asyncio.wait_for(ws.recv(), 5)
+            epoch = gw.fanout.position(gw.table.channel_for(sym))[0]
+            assert re.fullmatch(
+                r'\{"type":"trade","data":\{"price":1\.5, "symbol":"X"\},"seq":%d,"epoch":"%s",'
+                r'"timestamp":\d+\}' % (seq, epoch), raw), raw
+            r.publish(f"channel:trade:{sym}", b'{"plain":true}')
+            raw = await asyncio.wait_for(ws.recv(), 5)
+            assert re.fullmatch(r'\{"type":"trade","data":\{"plain":true\},"timestamp":\d+\}', raw)
+            publish_trade(r, sym, {})
+            assert (await recv(ws))["data"] == {}
+            await ws.close()
+    aio(main())
+
+
+def test_resume_after_disconnect_no_duplicate_no_hole(aio, impl, redis_server):
+    a, b = fresh("A"), fresh("B")
+
+    async def main():
+        async with running_gateway(impl, redis_server.url) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            r = redis_server.client()
+            ws = await connect(gw)
+            await subscribe(ws, [a, b])
+            publish(r, a, 5)
+            publish(r, b, 3)
+            got = await trades(ws, 8)
+            last = {}
+            for m in got:
+                last[m["data"]["symbol"]] = {"epoch": m["epoch"], "seq": m["seq"]}
+            assert last[a]["seq"] == 5 and last[b]["seq"] == 3
+            await ws.close()
+            publish(r, a, 10, 5)                 # missed: a 6..15, b 4..5
+            publish(r, b, 2, 3)
+            ws = await connect(gw)
+            reply = await subscribe(ws, [a, b], since=last)
+            assert reply["data"]["subscribed"] == [a, b]
+            publish(r, a, 3, 15)                 # live after the resume: 16..18
+            seen = {a: [], b: []}
+            for m in await trades(ws, 15):
+                assert m["type"] == "trade", m
+                seen[m["data"]["symbol"]].append(m["seq"])
+            assert seen[a] == list(range(6, 19)) and seen[b] == [4, 5]
+            with pytest.raises(asyncio.TimeoutError):
+                await recv(ws, 0.3)
+            await ws.close()
+    aio(main())
+
+
+def test_resume_while_publishing_has_a_clean_seam(aio, impl, redis_server):
+    """Trades published while the history is read come out once, in order."""
+    sym = fresh()
+
+    async def main():
+        async with running_gateway(impl, redis_server.url) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            r = redis_server.client()
+            publish(r, sym, 50)
+            epoch = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
+            stop = asyncio.Event()
+
+            async def publisher():
+                k = 50
+                while not stop.is_set():
+                    pipe = r.pipeline(transaction=False)
+                    for _ in range(20):
+                        publish_trade(pipe, sym, {"symbol": sym, "n": k})
+                        k += 1
+                    pipe.execute()
+                    await asyncio.sleep(0.002)
+            task = asyncio.create_task(publisher())
+            clients = []
+            for i in range(10):
+                ws = await connect(gw)
+                await subscribe(ws, [sym], since={sym: {"epoch": epoch, "seq": 10 + i}})
+                clients.append((ws, 10 + i))
+            await asyncio.sleep(0.3)
+            stop.set()
+            await task
+            final = int(r.hget(f"ws-gateway:{{{sym}}}:meta", "seq"))
+            for ws, after in clients:
+                seqs = [m["seq"] for m in await trades(ws, final - after, timeout=10)]
+                assert seqs == list(range(after + 1, final + 1))
+                await ws.close()
+    aio(main(), timeout=90)
+
+
+def test_snapshot_then_live(aio, impl, redis_server):
+    sym, empty = fresh(), fresh()
+
+    async def main():
+        async with running_gateway(impl, redis_server.url) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            r = redis_server.client()
+            publish(r, sym, 7)
+            ws = await connect(gw)
+            await subscribe(ws, [sym, empty], snapshot=True)
+            first = await recv(ws)
+            assert first["seq"] == 7 and first["data"]["n"] == 6
+            publish(r, sym, 2, 7)
+            assert [m["seq"] for m in await trades(ws, 2)] == [8, 9]
+            with pytest.raises(asyncio.TimeoutError):   # nothing for a symbol without history
+                await recv(ws, 0.3)
+            await ws.close()
+    aio(main())
+
+
+def test_trimmed_history_gives_an_exact_gap(aio, impl, redis_server):
+    sym = fresh()
+
+    async def main():
+        async with running_gateway(impl, redis_server.url, history_size=5) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            r = redis_server.client()
+            publish(r, sym, 400)
+            epoch = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
+            first = int(r.xrange(f"ws-gateway:{{{sym}}}:history", count=1)[0][0].split(b"-")[0])
+            assert first > 3
+            ws = await connect(gw)
+            await subscribe(ws, [sym], since={sym: {"epoch": epoch, "seq": 2}})
+            gap = await recv(ws)
+            assert gap["type"] == "gap"
+            assert gap["data"] == {"symbol": sym, "epoch": epoch, "from": 3, "to": first - 1,
+                                   "reason": "trimmed"}
+            seqs = [m["seq"] for m in await trades(ws, 400 - first + 1)]
+            assert seqs == list(range(first, 401))
+            await ws.close()
+    aio(main())
+
+
+def test_epoch_changed_after_history_loss(aio, impl, own_redis):
+    sym = fresh()
+
+    async def main():
+        own_redis.start()
+        async with running_gateway(impl, own_redis.url) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            r = own_redis.client()
+            publish(r, sym, 5)
+            old = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
+            r.flushall()                           # the history is gone, the library stays
+            publish(r, sym, 3)
+            new = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
+            assert new != old
+            ws = await connect(gw)
+            await subscribe(ws, [sym], since={sym: {"epoch": old, "seq": 5}})
+            gap = await recv(ws)
+            assert gap["data"] == {"symbol": sym, "epoch": new, "from": 1, "to": 0,
+                                   "reason": "epoch_changed"}
+            msgs = await trades(ws, 3)
+            assert [(m["epoch"], m["seq"]) for m in msgs] == [(new, 1), (new, 2), (new, 3)]
+            await ws.close()
+    aio(main())
+
+
+BAD_SINCE = [
+    ({"since": []}, 'Invalid "since": expected an object'),
+    ({"since": {"MSFT": {"epoch": "e", "seq": 1}}}, "is not a symbol of this request"),
+    ({"since": {"AAPL": 5}}, 'Invalid "since" for AAPL: expected'),
+    ({"since": {"AAPL": {"seq": 1}}}, '"epoch" must be a non-empty string'),
+    ({"since": {"AAPL": {"epoch": 7, "seq": 1}}}, '"epoch" must be a non-empty string'),
+    ({"since": {"AAPL": {"epoch": "", "seq": 1}}}, '"epoch" must be a non-empty string'),
+    ({"since": {"AAPL": {"epoch": "e", "seq": -1}}}, '"seq" must be a non-negative integer'),
+    ({"since": {"AAPL": {"epoch": "e", "seq": 1.0}}}, '"seq" must be a non-negative integer'),
+    ({"since": {"AAPL": {"epoch": "e", "seq": True}}}, '"seq" must be a non-negative integer'),
+    ({"since": {"AAPL": {"epoch": "e"}}}, '"seq" must be a non-negative integer'),
+    ({"snapshot": "yes"}, 'Invalid "snapshot"'),
+]
+
+
+def test_bad_since_is_an_error_and_changes_nothing(aio, impl, redis_server):
+    async def main():
+        async with running_gateway(impl, redis_server.url) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            ws = await connect(gw)
+            for extra, text in BAD_SINCE:
+                await ws.send(orjson.dumps({"action": "subscribe", "symbols": ["AAPL"], **extra}).decode())
+                reply = await recv(ws)
+                assert reply["type"] == "error" and text in reply["message"], (extra, reply)
+            assert gw.table.subscription_count == 0
+            await ws.send(orjson.dumps({"action": "ping"}).decode())
+            assert (await recv(ws))["type"] == "pong"    # still connected
+            await ws.close()
+    aio(main())
+
+
+def test_gateway_fills_its_own_gap_after_losing_redis(aio, impl, redis_server):
+    sym = fresh()
+
+    async def main():
+        async with running_gateway(impl, redis_server.url) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            r = redis_server.client()
+            ws = await connect(gw)
+            await subscribe(ws, [sym])
+            publish(r, sym, 5)
+            assert [m["seq"] for m in await trades(ws, 5)] == [1, 2, 3, 4, 5]
+            reconnects = gw.redis.reconnects
+            r.client_kill_filter(_type="pubsub")
+            publish(r, sym, 20, 5)                 # while the gateway is away
+            await wait_until(lambda: gw.redis.reconnects > reconnects and gw.redis.ready, 10)
+            publish(r, sym, 5, 25)
+            seqs = [m["seq"] for m in await trades(ws, 25, timeout=10)]
+            assert seqs == list(range(6, 31))
+            assert gw.replayer.fills >= 1
+            await ws.close()
+    aio(main())
+
+
+def test_gap_in_the_live_stream_is_filled(impl):
+    """A sequenced message that skips ahead holds the channel until the
+    control plane fills the gap; duplicates are dropped (no Redis needed)."""
+    from gateway import protocol
+    table = impl.SymbolTable()
+    fanout = impl.FanOut(table)
+    conn = impl.ClientListener()
+    frames: list[bytes] = []
+    conn.sink = frames.append
+    table.subscribe(conn, "AAPL")
+    ch = table.channel_for("AAPL")
+    gaps = []
+    fanout.gap_callback = lambda *a: gaps.append(a)
+
+    def msg(seq):
+        return [b"pmessage", b"channel:trade:*", ch, protocol.published_form(b'{"n":%d}' % seq, seq, b"ep")]
+    fanout.dispatch([msg(1), msg(2), msg(2), msg(5), msg(6)])
+    assert gaps == [(ch, "ep", 2, 5)] and fanout.holding(ch)
+    assert fanout.duplicate_messages == 1 and len(frames) == 1
+    held = fanout.release(ch)
+    assert held == [msg(5)[3], msg(6)[3]]
+    fanout.dispatch([msg(3), msg(4)] + [[b"pmessage", b"channel:trade:*", ch, p] for p in held] + [msg(4)])
+    bodies = frames[1]
+    assert [orjson.loads(b)["seq"] for b in re.findall(rb'\{"type".*?"timestamp":\d+\}', bodies)] == [3, 4, 5, 6]
+    assert fanout.position(ch) == ("ep", 6) and fanout.duplicate_messages == 2
+
+
+def test_conflation_gap_names_the_skipped_seqs(impl):
+    from gateway import protocol
+    table = impl.SymbolTable()
+    fanout = impl.FanOut(table)
+    conn = impl.ClientListener()
+    table.subscribe(conn, "AAPL")
+    ch = table.channel_for("AAPL")
+    conn.conflating = True
+    fanout.dispatch([[b"pmessage", b"p", ch, protocol.published_form(b"{}", s, b"ep")] for s in (1, 2, 3, 4)])
+    [(channel, frame, skipped, first, last)] = conn.take_conflated()
+    assert (channel, skipped, first, last) == (ch, 3, 1, 3)
+    assert orjson.loads(frame[2:])["seq"] == 4
