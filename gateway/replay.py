@@ -109,15 +109,17 @@ class Replayer:
         self._spawn(self._resume(listener, items))
 
     async def _resume(self, listener, items: Resume) -> None:
-        out: list[bytes] = []
+        parts: list[list[bytes]] = [[] for _ in items]
         floors: dict[bytes, int] = {}
         try:
-            for symbol, since in items:
-                await self._plan(listener, symbol, since, out, floors)
+            # Every symbol's history is read at once; frames go out in the
+            # request's symbol order.
+            await asyncio.gather(*(self._plan(listener, symbol, since, part, floors)
+                                   for (symbol, since), part in zip(items, parts, strict=True)))
         except Exception:
             log.exception("replay failed; the client goes on live")
         finally:
-            self._release(listener, out, floors)
+            self._release(listener, [frame for part in parts for frame in part], floors)
 
     async def _plan(self, listener, symbol: str, since: protocol.Position | None,
                     out: list[bytes], floors: dict[bytes, int]) -> None:
