@@ -11,7 +11,7 @@ from typing import Any
 
 
 class Counters:
-    __slots__ = ("fanout", "table", "sessions", "refusals", "redis", "connections_total",
+    __slots__ = ("fanout", "table", "sessions", "refusals", "redis", "replayer", "connections_total",
                  "client_messages", "heartbeat_timeouts", "rate_limit_closes", "slow_consumers",
                  "errors")
 
@@ -21,6 +21,7 @@ class Counters:
         self.sessions = sessions            # the live sessions (gateway.session.Hub.sessions)
         self.refusals = refusals            # upgrades refused, by reason (gateway.access)
         self.redis: Any = None              # the Redis subscriber: .ready, .reconnects
+        self.replayer: Any = None           # gateway.replay.Replayer: replays, fills
         self.connections_total = 0
         self.client_messages = 0
         self.heartbeat_timeouts = 0

@@ -47,8 +47,22 @@ class GatewayCollector:
                       d.dropped_payloads)
         yield counter("gateway_unrouted_messages", "Redis messages for symbols nobody holds",
                       d.unrouted_messages)
-        yield counter("gateway_conflated_messages", "Trades held back for conflating slow consumers",
+        yield counter("gateway_conflated_messages",
+                      "Trade deliveries held back (conflating slow consumers, clients being resumed)",
                       d.conflated_messages)
+        yield counter("gateway_sequenced_messages", "Sequenced trades received from Redis",
+                      d.sequenced_messages)
+        yield counter("gateway_duplicate_messages",
+                      "Sequenced trades dropped as already routed (history fill overlapping live)",
+                      d.duplicate_messages)
+        r = c.replayer
+        if r is not None:
+            yield counter("gateway_replays", "Client resumes and snapshots served", r.replays)
+            yield counter("gateway_replayed_frames", "Trades sent to clients from the history",
+                          r.replayed_frames)
+            yield counter("gateway_gap_fills", "Gaps in the gateway's own stream filled from the history",
+                          r.fills)
+            yield counter("gateway_history_errors", "History reads that failed", r.history_errors)
         yield counter("gateway_redis_reconnects", "Times the Redis connection was lost and retried",
                       c.redis_reconnects)
         yield counter("gateway_rate_limit_closes", "Connections closed for exceeding the message rate",

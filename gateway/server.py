@@ -68,6 +68,7 @@ class Gateway:
             compression.deflate_frame)
         self.fanout.gap_callback = self.replayer.on_gap
         self.hub.replayer = self.replayer
+        self.counters.replayer = self.replayer
         self._subscribed_before = False
         self.counters.redis = self.redis
         self.stats = Stats(self.counters, self.server_id)
