@@ -104,7 +104,8 @@ def test_resume_after_disconnect_no_duplicate_no_hole(aio, impl, redis_server):
                 assert m["type"] == "trade", m
                 seen[m["data"]["symbol"]].append(m["seq"])
             assert seen[a] == list(range(6, 19)) and seen[b] == [4, 5]
-            assert gw.replayer.replays == 1 and gw.replayer.replayed_frames == 12
+            # 16..18 may come from the history or live, never both
+            assert gw.replayer.replays == 1 and 12 <= gw.replayer.replayed_frames <= 15
             with pytest.raises(asyncio.TimeoutError):
                 await recv(ws, 0.3)
             await ws.close()
