@@ -821,6 +821,10 @@ cdef class FanOut:
         pos = self.positions.get(channel)
         return None if pos is None else (pos[0].decode(), pos[1])
 
+    def forget(self, bytes channel):
+        """Drop ``channel``'s position: its next sequenced trade starts it anew."""
+        self.positions.pop(channel, None)
+
     def hold(self, bytes channel):
         """Hold every message for ``channel`` (in order) until ``release``."""
         if channel not in self.holds:

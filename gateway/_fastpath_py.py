@@ -361,6 +361,10 @@ class FanOut:
         pos = self._positions.get(channel)
         return None if pos is None else (pos[0].decode(), pos[1])
 
+    def forget(self, channel: bytes) -> None:
+        """Drop ``channel``'s position: its next sequenced trade starts it anew."""
+        self._positions.pop(channel, None)
+
     def hold(self, channel: bytes) -> None:
         """Hold every message for ``channel`` (in order) until ``release``."""
         self._holds.setdefault(channel, [])

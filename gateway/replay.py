@@ -203,7 +203,7 @@ class Replayer:
     def on_gap(self, channel: bytes, epoch: str, last: int, seq: int) -> None:
         """FanOut.gap_callback: the channel is held; fill last+1..seq-1."""
         log.info("gap in %s: after %d came %d; filling from the history", channel, last, seq)
-        self._spawn(self._fill(channel, epoch, last))
+        self._spawn(self._fill(channel, epoch, last, seq - 1))
 
     def refill(self) -> None:
         """After the Redis subscription comes back: fill every subscribed
@@ -219,7 +219,9 @@ class Replayer:
         prefix = self.table.prefix
         return [prefix + s.encode() for s in self.table.symbols()]
 
-    async def _fill(self, channel: bytes, epoch: str, last: int) -> None:
+    async def _fill(self, channel: bytes, epoch: str, last: int, missing_to: int = 0) -> None:
+        """Fill ``channel`` after ``last``; ``missing_to`` is the last seq known
+        to be missing (0: not known, as after a reconnect)."""
         symbol = channel[len(self.table.prefix):].decode()
         replies: list[Any] = []
         try:
@@ -227,7 +229,7 @@ class Replayer:
         except Exception as exc:
             self.history_errors += 1
             log.warning("cannot fill the gap in %s after seq %d (%s)", symbol, last, exc)
-            self._notify(channel, protocol.history_gap(symbol, epoch, last + 1, 0,
+            self._notify(channel, protocol.history_gap(symbol, epoch, last + 1, missing_to,
                                                        protocol.GAP_UNAVAILABLE, protocol.now_ms()))
         else:
             if h.epoch == epoch:
@@ -243,7 +245,10 @@ class Replayer:
             pattern = self.table.prefix + b"*"
             held = self.fanout.release(channel)
             replies.extend([b"pmessage", pattern, channel, p] for p in held)
-            # Routed in order; positions drop whatever the history already covered.
+            # Routed in order from a fresh position (what could not be filled
+            # has been announced and must not be asked for again); positions
+            # drop whatever the history and the held messages both carry.
+            self.fanout.forget(channel)
             self.fanout.dispatch(replies)
 
     def _notify(self, channel: bytes, body: bytes) -> None:

@@ -311,3 +311,51 @@ def test_conflation_gap_names_the_skipped_seqs(impl):
     [(channel, frame, skipped, first, last)] = conn.take_conflated()
     assert (channel, skipped, first, last) == (ch, 3, 1, 3)
     assert orjson.loads(frame[2:])["seq"] == 4
+
+
+@pytest.mark.parametrize("failure", ["unavailable", "trimmed"])
+def test_a_gap_that_cannot_be_filled_is_announced_once(impl, failure):
+    """History down or trimmed: subscribers get one notice, the held trades
+    follow, and the fill is not asked for again and again."""
+    from gateway import protocol
+    from gateway.compression import deflate_frame
+    from gateway.replay import Replayer
+    from gateway.sequencing import HistoryRead
+
+    table = impl.SymbolTable()
+    fanout = impl.FanOut(table)
+    conn = impl.ClientListener()
+    frames: list[bytes] = []
+    conn.sink = frames.append
+    table.subscribe(conn, "AAPL")
+    ch = table.channel_for("AAPL")
+    reads = []
+
+    async def read_history(symbol, after, count):
+        reads.append((symbol, after))
+        if failure == "unavailable":
+            raise ConnectionError("Redis is down")
+        return HistoryRead("ep", 8, 9, [(8, b'{"n":8}'), (9, b'{"n":9}')])
+
+    def msg(seq):
+        return [b"pmessage", b"channel:trade:*", ch, protocol.published_form(b'{"n":%d}' % seq, seq, b"ep")]
+
+    async def main():
+        replayer = Replayer(impl, fanout, table, read_history, deflate_frame)
+        fanout.gap_callback = replayer.on_gap
+        fanout.dispatch([msg(1), msg(2), msg(9), msg(10)])
+        await wait_until(lambda: not fanout.holding(ch), 2)
+        await asyncio.sleep(0.05)
+        await replayer.close()
+    asyncio.run(main())
+    bodies = [orjson.loads(b) for f in frames
+              for b in re.findall(rb'\{"type".*?"timestamp":\d+\}', f)]
+    gaps = [b["data"] for b in bodies if b["type"] == "gap"]
+    seqs = [b["seq"] for b in bodies if b["type"] == "trade"]
+    assert len(reads) == 1
+    if failure == "unavailable":
+        assert gaps == [{"symbol": "AAPL", "epoch": "ep", "from": 3, "to": 8, "reason": "unavailable"}]
+        assert seqs == [1, 2, 9, 10]
+    else:
+        assert gaps == [{"symbol": "AAPL", "epoch": "ep", "from": 3, "to": 7, "reason": "trimmed"}]
+        assert seqs == [1, 2, 8, 9, 10]
