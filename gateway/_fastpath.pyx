@@ -413,13 +413,14 @@ cdef bint _split_sequenced(const char* p, Py_ssize_t n, Sequenced* out) noexcept
     return True
 
 
-cdef inline Py_ssize_t _seq_data_len(Py_ssize_t n, Sequenced* sq) noexcept nogil:
+cdef inline Py_ssize_t _seq_data_len(const char* p, Py_ssize_t n, Sequenced* sq) noexcept nogil:
     # data = '{' + what follows the ',' (n - rest_off bytes in all), or '{}'.
-    return 2 if sq.rest_off + 1 >= n else n - sq.rest_off
+    return 2 if p[sq.rest_off] == b'}' else n - sq.rest_off
 
 
-cdef inline Py_ssize_t _seq_body_len(Py_ssize_t n, Sequenced* sq, Py_ssize_t tslen) noexcept:
-    return (_HEAD_LEN + _seq_data_len(n, sq) + PyBytes_GET_SIZE(_SEQ_MID) + sq.digits_len
+cdef inline Py_ssize_t _seq_body_len(const char* p, Py_ssize_t n, Sequenced* sq,
+                                     Py_ssize_t tslen) noexcept:
+    return (_HEAD_LEN + _seq_data_len(p, n, sq) + PyBytes_GET_SIZE(_SEQ_MID) + sq.digits_len
             + PyBytes_GET_SIZE(_EPOCH_MID) + sq.epoch_len + PyBytes_GET_SIZE(_EPOCH_END) + tslen
             + _TAIL_LEN)
 
@@ -431,12 +432,12 @@ cdef inline char* _put(char* out, bytes b) noexcept:
 
 cdef void _write_seq_frame(char* out, const char* p, Py_ssize_t n, Sequenced* sq,
                            const char* ts, Py_ssize_t tslen) noexcept:
-    cdef Py_ssize_t body = _seq_body_len(n, sq, tslen)
+    cdef Py_ssize_t body = _seq_body_len(p, n, sq, tslen)
     _write_header(<uint8_t*>out, body)
     out += _header_size(body)
     out = _put(out, _HEAD)
     out[0] = b'{'
-    if sq.rest_off + 1 >= n:
+    if p[sq.rest_off] == b'}':
         out[1] = b'}'
         out += 2
     else:
@@ -466,7 +467,7 @@ cpdef object split_published(bytes payload):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
     if not _split_sequenced(p, n, &sq):
         return None
-    data = b"{}" if sq.rest_off + 1 >= n else b"{" + payload[sq.rest_off + 1:]
+    data = b"{}" if p[sq.rest_off] == b'}' else b"{" + payload[sq.rest_off + 1:]
     return sq.seq, payload[sq.epoch_off:sq.epoch_off + sq.epoch_len], data
 
 
@@ -905,7 +906,7 @@ cdef class FanOut:
                 else:
                     pos[0] = PyBytes_FromStringAndSize(p + sq.epoch_off, sq.epoch_len)
                     pos[1] = seq
-            size = _seq_body_len(plen, &sq, tslen)
+            size = _seq_body_len(p, plen, &sq, tslen)
             size += _header_size(size)
             if size > self.scratch_cap:
                 self._grow_scratch(size)
