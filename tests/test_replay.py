@@ -359,3 +359,22 @@ def test_a_gap_that_cannot_be_filled_is_announced_once(impl, failure):
     else:
         assert gaps == [{"symbol": "AAPL", "epoch": "ep", "from": 3, "to": 7, "reason": "trimmed"}]
         assert seqs == [1, 2, 8, 9, 10]
+
+
+def test_resume_for_a_permessage_deflate_client(aio, impl, redis_server):
+    sym = fresh("Z")
+
+    async def main():
+        async with running_gateway(impl, redis_server.url) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            r = redis_server.client()
+            publish(r, sym, 6)
+            epoch = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
+            ws = await websockets.connect(f"ws://127.0.0.1:{gw.port}")   # offers deflate
+            assert "permessage-deflate" in ws.response.headers.get("Sec-WebSocket-Extensions", "")
+            await ws.recv()
+            await subscribe(ws, [sym], since={sym: {"epoch": epoch, "seq": 2}})
+            publish(r, sym, 2, 6)
+            assert [m["seq"] for m in await trades(ws, 6)] == [3, 4, 5, 6, 7, 8]
+            await ws.close()
+    aio(main())
