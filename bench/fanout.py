@@ -35,6 +35,10 @@ Scenarios:
     market-deflate  market with every client negotiating permessage-deflate
     market-mixed    market with half the clients negotiating permessage-deflate
     market-auth     market with WS_JWT_SECRET set, every client presenting a JWT
+    market-seq      market with every trade in the sequenced form publish_trade
+                    publishes ({"_seq":..,"_epoch":..,...}; plain PUBLISH, so no
+                    Redis Function cost): the gateway frames it with seq/epoch
+    latency-seq     latency, with sequenced trades (compare with latency)
 
 The market-* scenarios are comparisons: they always run next to a plain market
 case on the same variant, in the same invocation (the order reversed on odd
@@ -77,7 +81,7 @@ ROOT = BENCH.parent
 # editable install points at): free ports, redis-server, /proc readers, spawn.
 sys.path.insert(0, str(ROOT))
 from gateway._testbase import procfs  # noqa: E402
-from gateway._testbase.net import HarnessError, port_open  # noqa: E402
+from gateway._testbase.net import HarnessError, port_open, scrape_metrics  # noqa: E402
 from gateway._testbase.process import GatewayProcess, spawn  # noqa: E402
 from gateway._testbase.redis import RedisServer, redis_installed  # noqa: E402
 
@@ -89,14 +93,17 @@ ALL_VARIANTS = ["compiled", "purepy", "baseline"]
 # is bench code, not the gateway: it has no revision to compare.
 REV_KINDS = ("compiled", "purepy")
 ALL_SCENARIOS = ["protocol", "market", "wide", "latency", "memory", "hot",
-                 "market-deflate", "market-mixed", "market-auth"]
+                 "market-deflate", "market-mixed", "market-auth", "market-seq", "latency-seq"]
 # The market workload with one feature switched on.  Each is measured against
 # a plain market case run right next to it (see schedule()).
 MARKET_MODES = {
     "market-deflate": {"mode": "deflate", "deflate": 1.0},
     "market-mixed": {"mode": "mixed", "deflate": 0.5},
     "market-auth": {"mode": "auth", "auth": True},
+    "market-seq": {"mode": "seq", "seq": True},
 }
+# The epoch the publisher puts in sequenced trades (publisher -E).
+SEQ_EPOCH = "bench1"
 
 
 # ---------------------------------------------------------------- sizes ----
@@ -542,7 +549,7 @@ class LoadClient:
                  run_s: float = 0, sample: int, idle_ms: int = 0, skip_ms: int = 0,
                  hold: bool = False, grace_ms: int = 0, inflight: int = 64,
                  deflate: float = 0.0, paths_file: Path | None = None,
-                 workdir: Path) -> None:
+                 workdir: Path, extra: list[str] | tuple = (), tag: str = "loadclient") -> None:
         # deadline_s bounds the whole life of the client; run_s bounds the part
         # after READY, so a slow connect phase does not lengthen a run.
         argv = [str(exe), "-p", str(port), "-f", str(connfile), "-d", f"{deadline_s:.1f}",
@@ -555,8 +562,9 @@ class LoadClient:
             argv += ["-z", f"{deflate:g}"]
         if paths_file:
             argv += ["-T", str(paths_file)]
+        argv += list(extra)
         self.deadline_s = deadline_s
-        self.out_path = workdir / f"loadclient-{time.monotonic_ns()}.out"
+        self.out_path = workdir / f"{tag}-{time.monotonic_ns()}.out"
         self.out = open(self.out_path, "wb")  # noqa: SIM115  (the child writes it; closed in finish)
         self.proc = PROCS.start(argv, cpu=AUX_CPU, stdout=self.out,
                                 log=workdir / "loadclient.log", nofile=20000)
@@ -596,8 +604,10 @@ class LoadClient:
 
 def run_publisher(exe: Path, redis: Redis, symfile: Path, workdir: Path, *,
                   total: int | None = None, rate: int | None = None,
-                  duration_s: float | None = None, timeout: float) -> dict:
+                  duration_s: float | None = None, timeout: float, seq: bool = False) -> dict:
     argv = [str(exe), "-p", str(redis.port), "-s", str(symfile), "-P", CHANNEL_PREFIX]
+    if seq:
+        argv += ["-E", SEQ_EPOCH]
     if rate:
         argv += ["-m", "rate", "-r", str(rate), "-d", f"{duration_s:.3f}"]
     else:
@@ -697,11 +707,13 @@ class Ctx:
 def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msgs: int | None = None,
                   rate: int | None = None, duration_s: float | None = None, sample: int,
                   skip_ms: int = 0, allow_overload: bool = False, inflight: int = 64,
-                  mode: str = "plain", deflate: float = 0.0, auth: bool = False) -> dict:
+                  mode: str = "plain", deflate: float = 0.0, auth: bool = False,
+                  seq: bool = False) -> dict:
     """One gateway, one load client, one publisher run; returns the case record.
 
     deflate: fraction of the clients that offer permessage-deflate.
     auth: run the gateway with WS_JWT_SECRET and give every client its own token.
+    seq: publish every trade in publish_trade's sequenced form (plain PUBLISH).
     """
     sz = ctx.sizes
     if rate:
@@ -759,7 +771,7 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         ksoft0 = proc_cpu_or_zero(ksoft_pid)
         pub = run_publisher(ctx.tools["publisher"], ctx.redis, symfile, ctx.workdir,
                             total=None if rate else total_msgs, rate=rate, duration_s=duration_s,
-                            timeout=(duration_s + 15) if rate else sz.sat_timeout_s)
+                            timeout=(duration_s + 15) if rate else sz.sat_timeout_s, seq=seq)
         rep = lc.finish(timeout=run_budget + 30)
         cpu1, rcpu1 = gw.cpu_s(), ctx.redis.cpu_s()
         sched1 = gw.schedstat()
@@ -769,6 +781,11 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         rss_end = gw.rss_kib() if alive else None
         if auth and alive:
             auth_probs = auth_refusals(gw.port, secret)   # after the measurement
+        seq_probs, seq_counts = [], None
+        if alive and variant_kind(variant) != "baseline":
+            # after the measurement: did the gateway take the trades as
+            # sequenced (seq) or as plain (not seq), without duplicates or gaps?
+            seq_probs, seq_counts = sequenced_check(gw.port, pub["sent"] if seq else 0)
     finally:
         rc = gw.stop(ctx.redis)
     frames = rep["frames_total"]
@@ -780,7 +797,7 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         # schedule's end; otherwise the gateway fell behind the offered load.
         overloaded = bool(rep["missing"]) or (window_s or 0) > duration_s + 1.0
     probs = correctness_problems(rep, pub, allow_missing=allow_overload and overloaded)
-    probs += auth_probs
+    probs += auth_probs + seq_probs
     if deflate:
         # The gateway agrees to every offer it can and compresses every trade for
         # those clients; otherwise this case would measure something else.
@@ -861,9 +878,34 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         "latency_us": rep["latency_us"], "latency_hist": rep.get("latency_hist"),
         "offered_deliveries_per_s": (rate * expected / total_msgs) if rate and total_msgs else None,
         "overloaded": overloaded, "connected": ok_conns, "connect_failed": failed,
+        "sequenced": seq, "gateway_seq_counters": seq_counts,
         "ok": not probs, "problems": probs,
         "loadclient": slim(rep), "publisher": pub,
     }
+
+
+SEQ_COUNTERS = ("gateway_sequenced_messages_total", "gateway_duplicate_messages_total",
+                "gateway_gap_fills_total")
+
+
+def sequenced_check(port: int, expected: int) -> tuple[list[str], dict | None]:
+    """The gateway's own counters after a case: ``expected`` sequenced trades
+    received (0 for a plain case), no duplicate dropped, no gap filled."""
+    m = scrape_metrics(port, timeout=5.0)
+    if m is None:
+        return [], None     # a revision without /metrics: nothing to check
+    got = {k: m.get(k) for k in SEQ_COUNTERS}
+    if got["gateway_sequenced_messages_total"] is None:
+        return ([f"gateway counted no sequenced trades, {expected} published"] if expected
+                else []), got
+    probs = []
+    if got["gateway_sequenced_messages_total"] != expected:
+        probs.append(f"gateway counted {got['gateway_sequenced_messages_total']:.0f} sequenced "
+                     f"trades, {expected} published sequenced")
+    for k in SEQ_COUNTERS[1:]:
+        if got[k]:
+            probs.append(f"{k}={got[k]:.0f}")
+    return probs, got
 
 
 def scen_market(ctx: Ctx, variant: str) -> list[dict]:
@@ -889,6 +931,8 @@ def market_mode(name: str):
 
 def not_applicable(scen: str, variant: str) -> str | None:
     """Why a scenario does not run on a variant (None: it does)."""
+    if scen == "latency-seq" and variant_kind(variant) == "baseline":
+        return "the baseline does not know sequenced trades"
     if scen in MARKET_MODES and variant_kind(variant) == "baseline":
         return ("the baseline has no JWT check and compresses per connection with "
                 "websockets' own deflate: not the gateway's feature under test")
@@ -904,6 +948,7 @@ def schedule(scenarios: list[str]) -> list[list[str]]:
     plain run made seconds apart, not a whole benchmark apart."""
     units: list[list[str]] = []
     group: list[str] | None = None
+    lat: list[str] | None = None         # latency-seq pairs with latency the same way
     for s in scenarios:
         if s == "market" or s in MARKET_MODES:
             if group is None:
@@ -911,6 +956,12 @@ def schedule(scenarios: list[str]) -> list[list[str]]:
                 units.append(group)
             if s not in group:
                 group.append(s)
+        elif s in ("latency", "latency-seq"):
+            if lat is None:
+                lat = ["latency"]
+                units.append(lat)
+            if s not in lat:
+                lat.append(s)
         else:
             units.append([s])
     return units
@@ -940,6 +991,23 @@ def scen_latency(ctx: Ctx, variant: str) -> list[dict]:
         rec = delivery_case(ctx, variant, f"latency{load}-{variant}", topo, rate=rate,
                             duration_s=sz.latency_duration_s, sample=sz.latency_sample_every,
                             skip_ms=sz.latency_skip_ms, allow_overload=True)
+        rec["offered_label"] = load
+        out.append(rec)
+    return out
+
+
+def scen_latency_seq(ctx: Ctx, variant: str) -> list[dict]:
+    """The latency scenario with sequenced trades: the same open-loop rates,
+    so gateway CPU utilisation at a fixed offered load compares directly."""
+    sz = ctx.sizes
+    topo = Topology(sz.market_symbols, client_symbols(sz.market_clients, sz.market_symbols, sz.per_client))
+    fan = sum(topo.subscribers) / topo.nsym
+    out = []
+    for load in sz.latency_loads:
+        rate = max(1, round(load / fan))
+        rec = delivery_case(ctx, variant, f"latencyseq{load}-{variant}", topo, rate=rate,
+                            duration_s=sz.latency_duration_s, sample=sz.latency_sample_every,
+                            skip_ms=sz.latency_skip_ms, allow_overload=True, mode="seq", seq=True)
         rec["offered_label"] = load
         out.append(rec)
     return out
@@ -1177,6 +1245,7 @@ def scen_protocol(ctx: Ctx, variant: str) -> list[dict]:
 
 SCENARIOS = {"protocol": scen_protocol, "market": scen_market, "wide": scen_wide,
              "latency": scen_latency, "memory": scen_memory, "hot": scen_hot,
+             "latency-seq": scen_latency_seq,
              **{name: market_mode(name) for name in MARKET_MODES}}
 
 
@@ -1223,7 +1292,7 @@ def markdown(results: list[dict], revisions: dict | None = None) -> str:
                     fmt(r["gateway_rss_kib_after_close"] / 1024 if r.get("gateway_rss_kib_after_close") else None, ".1f"),
                     fmt(r["gateway_rss_kib_after_close2"] / 1024 if r.get("gateway_rss_kib_after_close2") else None, ".1f")]
                    for r in rs])
-        elif scen == "latency":
+        elif scen in ("latency", "latency-seq"):
             table(["variant", "offered/s", "achieved/s", "sustained", "p50 ms", "p99 ms", "p99.9 ms",
                    "max ms", "gw CPU util", "gw µs/deliv", "lc CPU s", "pub CPU s",
                    "missing", "ok"],
@@ -1256,6 +1325,7 @@ def markdown(results: list[dict], revisions: dict | None = None) -> str:
         if bad:
             out.append("")
     compare_modes(results, table, out)
+    compare_latency_seq(results, table, out)
     compare_revisions(results, table, out)
     return "\n".join(out)
 
@@ -1291,6 +1361,37 @@ def compare_revisions(results: list[dict], table, out: list[str]) -> None:
            "CPU tree/rev", "deliveries/s tree", "deliveries/s rev", "ok"], rows)
 
 
+def compare_latency_seq(results: list[dict], table, out: list[str]) -> None:
+    """latency-seq against latency, same variant, repeat and offered load: at
+    a fixed offered rate the gateway's CPU utilisation is the cost of the
+    work, not of how well it batches at saturation."""
+    seqs = [r for r in results if r["scenario"] == "latency-seq" and "latency_us" in r]
+    if not seqs:
+        return
+    plain = {(r["variant"], r["repeat"], r.get("offered_label")): r for r in results
+             if r["scenario"] == "latency" and "latency_us" in r}
+    rows = []
+    for r in sorted(seqs, key=lambda r: (r["variant"], r.get("offered_label") or 0, r["repeat"])):
+        p = plain.get((r["variant"], r["repeat"], r.get("offered_label")))
+        if p is None:
+            continue
+        up, us = p.get("gateway_cpu_s_schedstat"), r.get("gateway_cpu_s_schedstat")
+        dp, ds = p.get("deliveries"), r.get("deliveries")
+        cp = up / dp * 1e6 if up and dp else None
+        cs = us / ds * 1e6 if us and ds else None
+        rows.append([r["variant"], r.get("offered_label"), r["repeat"],
+                     fmt(cp, ".3f"), fmt(cs, ".3f"), f"{cs / cp:.2f}x" if cp and cs else "-",
+                     fmt(p["latency_us"]["p99"] / 1000, ".3f"), fmt(r["latency_us"]["p99"] / 1000, ".3f"),
+                     "no" if p.get("overloaded") or r.get("overloaded") else "yes",
+                     p.get("ok") and r.get("ok")])
+    if not rows:
+        return
+    out.append("### latency: plain vs sequenced at a fixed offered rate (same invocation)")
+    out.append("")
+    table(["variant", "offered/s", "rep", "plain gw µs/deliv", "seq gw µs/deliv", "vs plain",
+           "plain p99 ms", "seq p99 ms", "both sustained", "ok"], rows)
+
+
 def compare_modes(results: list[dict], table, out: list[str]) -> None:
     """market-* cases against the plain market case of the same variant and
     repeat (run next to each other).  CPU is from schedstat (ns), the figure
@@ -1305,13 +1406,13 @@ def compare_modes(results: list[dict], table, out: list[str]) -> None:
         base = p.get("gateway_cpu_us_per_delivery_schedstat") if p else None
         return f"{us / base:.2f}x" if us is not None and base else "-"
 
-    out.append("### market: plain vs deflate / mixed / auth (same invocation)")
+    out.append("### market: plain vs deflate / mixed / auth / seq (same invocation)")
     out.append("")
     rows = []
     for r in sorted(modes + [p for p in plain.values()
                              if any((m["variant"], m["repeat"]) == (p["variant"], p["repeat"])
                                     for m in modes)],
-                    key=lambda r: (r["variant"], r["repeat"], ["plain", "deflate", "mixed", "auth"]
+                    key=lambda r: (r["variant"], r["repeat"], ["plain", "deflate", "mixed", "auth", "seq"]
                                    .index(r.get("mode", "plain")))):
         p = plain.get((r["variant"], r["repeat"]))
         us = r.get("gateway_cpu_us_per_delivery_schedstat")

@@ -25,6 +25,13 @@
  * Upgrade path (-P PATH, or -T FILE with one path per connection): e.g.
  * "/?token=<JWT>" for a gateway that authenticates at the upgrade.
  *
+ * Subscribe messages (-J FILE): one JSON text per line, line i sent by
+ * connection i (repeated if shorter) instead of the plain subscribe built from
+ * the connection file's symbols (which still name what the connection checks),
+ * e.g. with "since" for a resume (bench/replay_storm.py).  -o writes per
+ * connection: got, expected, and the CLOCK_REALTIME ns at which it got its
+ * expected count (0: never).
+ *
  * Build: gcc -O2 -o loadclient loadclient.c -lz
  */
 #define _GNU_SOURCE
@@ -80,6 +87,8 @@ typedef struct {
     uint64_t got;        /* data messages received after subscribing */
     uint64_t expected;
     const char *path;    /* request target of the upgrade (NULL: opt_path) */
+    const char *sub;     /* subscribe message (NULL: built from sym) */
+    int64_t t_done;      /* CLOCK_REALTIME ns when got reached expected */
     char sym[MAX_SYMS][SYM_LEN];
     int64_t lastseq[MAX_SYMS];
 } conn_t;
@@ -100,6 +109,7 @@ static const char *opt_counts_out = NULL;
 static double opt_deflate = 0;     /* fraction of connections offering permessage-deflate */
 static const char *opt_path = "/";
 static const char *opt_paths_file = NULL;
+static const char *opt_subs_file = NULL;
 
 /* ---- global state ------------------------------------------------------ */
 static conn_t *conns;
@@ -210,6 +220,7 @@ static int send_masked(conn_t *c, int opcode, const char *payload, size_t len) {
 }
 
 static int send_subscribe(conn_t *c) {
+    if (c->sub) return send_masked(c, 1, c->sub, strlen(c->sub));
     char msg[512];
     int n = snprintf(msg, sizeof msg, "{\"action\":\"subscribe\",\"symbols\":[");
     for (int i = 0; i < c->nsym; i++)
@@ -441,6 +452,7 @@ static void on_message(conn_t *c, const char *p, size_t n, int64_t now) {
         c->got++;
         total_frames++;
         if (c->got <= c->expected) useful_frames++;  /* extras must not hide losses */
+        if (c->got == c->expected) c->t_done = now;
         if (!t_first_ns) {
             t_first_ns = now;
             t_skip_until_ns = now + (int64_t)opt_skip_ms * 1000000LL;
@@ -760,6 +772,30 @@ static void load_paths(const char *path) {
     for (int i = 0; i < nconns; i++) conns[i].path = lines[(size_t)i % n];
 }
 
+static void load_subs(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) die("open subscribe file");
+    char **lines = NULL;
+    size_t n = 0, cap = 0, len = 0;
+    char *line = NULL;
+    ssize_t r;
+    while ((r = getline(&line, &len, f)) >= 0) {
+        while (r > 0 && (line[r - 1] == '\n' || line[r - 1] == '\r')) line[--r] = 0;
+        if (!r) continue;
+        if (r > 1024) { fprintf(stderr, "loadclient: subscribe message over 1024 bytes in %s\n", path); exit(2); }
+        if (n == cap) {
+            cap = cap ? cap * 2 : 1024;
+            lines = realloc(lines, cap * sizeof *lines);
+            if (!lines) die("realloc");
+        }
+        lines[n++] = strdup(line);
+    }
+    free(line);
+    fclose(f);
+    if (!n) { fprintf(stderr, "loadclient: empty subscribe file\n"); exit(2); }
+    for (int i = 0; i < nconns; i++) conns[i].sub = lines[(size_t)i % n];
+}
+
 static void usage(void) {
     fprintf(stderr,
             "usage: loadclient -p PORT -f CONNFILE [-H host] [-d deadline_s] [-D deadline_after_ready_s]\n"
@@ -768,7 +804,8 @@ static void usage(void) {
             "                  [-g grace_ms] [-w (hold: no expectations, run to deadline/SIGTERM)]\n"
             "                  [-o per_connection_counts_file]\n"
             "                  [-z fraction offering permessage-deflate (0..1)]\n"
-            "                  [-P upgrade_path (default /)] [-T file: one upgrade path per connection]\n");
+            "                  [-P upgrade_path (default /)] [-T file: one upgrade path per connection]\n"
+            "                  [-J file: one subscribe message per connection]\n");
     exit(2);
 }
 
@@ -786,8 +823,8 @@ static void report(const char *reason, double connect_s) {
         FILE *f = fopen(opt_counts_out, "w");
         if (f) {
             for (int i = 0; i < nconns; i++)
-                fprintf(f, "%llu %llu\n", (unsigned long long)conns[i].got,
-                        (unsigned long long)conns[i].expected);
+                fprintf(f, "%llu %llu %lld\n", (unsigned long long)conns[i].got,
+                        (unsigned long long)conns[i].expected, (long long)conns[i].t_done);
             fclose(f);
         }
     }
@@ -853,7 +890,7 @@ static void report(const char *reason, double connect_s) {
 
 int main(int argc, char **argv) {
     int o;
-    while ((o = getopt(argc, argv, "H:p:f:d:D:s:i:k:m:g:wo:z:P:T:")) != -1) {
+    while ((o = getopt(argc, argv, "H:p:f:d:D:s:i:k:m:g:wo:z:P:T:J:")) != -1) {
         switch (o) {
         case 'H': opt_host = optarg; break;
         case 'p': opt_port = atoi(optarg); break;
@@ -870,6 +907,7 @@ int main(int argc, char **argv) {
         case 'z': opt_deflate = atof(optarg); break;
         case 'P': opt_path = optarg; break;
         case 'T': opt_paths_file = optarg; break;
+        case 'J': opt_subs_file = optarg; break;
         default: usage();
         }
     }
@@ -885,6 +923,7 @@ int main(int argc, char **argv) {
     if (!nconns) { fprintf(stderr, "loadclient: empty connection file\n"); return 2; }
     retry_q = calloc((size_t)nconns, sizeof *retry_q);
     if (opt_paths_file) load_paths(opt_paths_file);
+    if (opt_subs_file) load_subs(opt_subs_file);
 
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);

@@ -11,6 +11,13 @@
  * 150-200 bytes with the seed's trade fields plus "seq" (per-symbol counter from
  * 1) and "ts" (CLOCK_REALTIME ns when the command was built, just before write).
  *
+ * With -E EPOCH the payload is in the form the publish_trade Redis Function
+ * puts on the channel (gateway/protocol.py published_form):
+ * {"_seq":<seq>,"_epoch":"EPOCH",<the trade's fields>}, with <seq> the same
+ * per-symbol counter as the trade's own "seq" (contiguous from 1).  It is still
+ * a plain PUBLISH: the gateway frames it as a sequenced trade, and the Redis
+ * Function's cost (bench/fcall_cost.py) stays out of the measurement.
+ *
  * Modes:
  *   -m sat  -n TOTAL [-w WINDOW]   pipelined, at most WINDOW replies outstanding
  *   -m rate -r MSGS_PER_S -d SECONDS   open loop: each 1 ms tick publishes its
@@ -43,6 +50,7 @@ static long long opt_total = 0;
 static double opt_rate = 0, opt_duration = 0;
 static int opt_window = 4096;
 static int opt_batch = 256;
+static const char *opt_epoch = NULL;   /* -E: sequenced (published) form */
 
 static char **syms;
 static int nsyms;
@@ -121,12 +129,14 @@ static const char *conds[] = {"[\"@\",\"T\"]", "[\"@\",\"F\",\"I\"]", "[\"@\"]",
 static size_t build(char *out, uint64_t k) {
     int s = (int)(k % (uint64_t)nsyms);
     int64_t seq = ++seqs[s];
-    char payload[400];
+    char payload[480];
     int64_t ts = now_ns(CLOCK_REALTIME);
     /* Prices and volumes vary so payload sizes vary a little, like real trades. */
     unsigned h = (unsigned)(k * 2654435761u);
-    int pl = snprintf(payload, sizeof payload,
-                      "{\"symbol\":\"%s\",\"price\":%u.%02u,\"volume\":%u,\"timestamp\":%lld,"
+    int hl = opt_epoch ? snprintf(payload, 80, "{\"_seq\":%lld,\"_epoch\":\"%s\",", (long long)seq, opt_epoch)
+                       : snprintf(payload, 80, "{");
+    int pl = hl + snprintf(payload + hl, sizeof payload - (size_t)hl,
+                      "\"symbol\":\"%s\",\"price\":%u.%02u,\"volume\":%u,\"timestamp\":%lld,"
                       "\"conditions\":%s,\"exchange\":\"%s\",\"tradeId\":\"%016llx\","
                       "\"seq\":%lld,\"ts\":%lld}",
                       syms[s], 10 + h % 990, (h >> 10) % 100, 1 + (h >> 17) % 5000,
@@ -158,7 +168,7 @@ static void load_syms(const char *path) {
 
 int main(int argc, char **argv) {
     int o;
-    while ((o = getopt(argc, argv, "H:p:s:m:n:r:d:w:b:P:")) != -1) {
+    while ((o = getopt(argc, argv, "H:p:s:m:n:r:d:w:b:P:E:")) != -1) {
         switch (o) {
         case 'H': opt_host = optarg; break;
         case 'p': opt_port = atoi(optarg); break;
@@ -170,15 +180,22 @@ int main(int argc, char **argv) {
         case 'w': opt_window = atoi(optarg); break;
         case 'b': opt_batch = atoi(optarg); break;
         case 'P': opt_prefix = optarg; break;
+        case 'E': opt_epoch = optarg; break;
         default:
             fprintf(stderr, "usage: publisher -p PORT -s SYMFILE (-m sat -n TOTAL [-w WINDOW] | "
-                            "-m rate -r RATE -d SECONDS) [-P prefix]\n");
+                            "-m rate -r RATE -d SECONDS) [-P prefix] [-E epoch]\n");
             return 2;
         }
     }
     int rate_mode = strcmp(opt_mode, "rate") == 0;
     if (!opt_port || !opt_syms || (rate_mode ? (opt_rate <= 0 || opt_duration <= 0) : opt_total <= 0)) {
         fprintf(stderr, "publisher: missing arguments\n");
+        return 2;
+    }
+    if (opt_epoch && (!opt_epoch[0] || strlen(opt_epoch) > 32 ||
+                      strspn(opt_epoch, "0123456789abcdefghijklmnopqrstuvwxyz"
+                                        "ABCDEFGHIJKLMNOPQRSTUVWXYZ_-") != strlen(opt_epoch))) {
+        fprintf(stderr, "publisher: -E: 1-32 characters of A-Z a-z 0-9 _ -\n");
         return 2;
     }
     load_syms(opt_syms);

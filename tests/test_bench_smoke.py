@@ -26,6 +26,7 @@ from gateway._testbase import ws as wire
 
 ROOT = Path(__file__).resolve().parent.parent
 FANOUT = ROOT / "bench" / "fanout.py"
+STORM = ROOT / "bench" / "replay_storm.py"
 
 pytestmark = [
     pytest.mark.slow,
@@ -100,6 +101,29 @@ def _fanout():
     return fanout
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gateway") is None,
+                    reason="gateway package not importable")
+def test_replay_storm_smoke(tmp_path):
+    """bench/replay_storm.py at smoke size: every resuming client got exactly
+    its missed seqs in order, live clients lost nothing."""
+    out = tmp_path / "storm.json"
+    proc = subprocess.run([sys.executable, str(STORM), "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    report = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert out.exists(), report
+    doc = json.loads(out.read_text())
+    assert doc["harness_error"] is None, report
+    runs = {r["run"]: r for r in doc["results"]}
+    assert set(runs) == {"storm", "quiet"}, report
+    storm = runs["storm"]
+    assert storm["ok"], (storm.get("problems"), report)
+    assert storm["storm_frames"] == storm["storm_expected"] > 0, report
+    assert storm["storm_loadclient"]["sampled_frames"] == storm["storm_expected"], report
+    assert storm["gateway_counters"]["replays_total"] == storm["storm_clients"], report
+    assert runs["quiet"]["ok"], report
+    assert proc.returncode == 0, report
+
+
 def _check_market_modes(results: list[dict], report: str) -> None:
     """The compression and auth cases ran next to a plain market case, lost
     nothing, kept order, and really exercised their feature."""
@@ -126,6 +150,17 @@ def _check_market_modes(results: list[dict], report: str) -> None:
     for r in by.values():
         lc = r["loadclient"]
         assert lc["rsv_errors"] == 0 and lc["inflate_errors"] == 0, (r["scenario"], report)
+    # sequenced: the gateway took every trade of market-seq / latency-seq as
+    # sequenced (and none of plain market), with no duplicate and no gap fill
+    for scen, want_seq in (("market", False), ("market-seq", True), ("latency-seq", True)):
+        r = by.get(scen)
+        assert r is not None, (scen, report)
+        counters = r["gateway_seq_counters"]
+        assert counters is not None, (scen, report)
+        assert counters["gateway_sequenced_messages_total"] == (r["published"] if want_seq else 0), \
+            (scen, counters, report)
+        assert not counters["gateway_duplicate_messages_total"], (scen, report)
+        assert not counters["gateway_gap_fills_total"], (scen, report)
 
 
 def _frame(opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> bytes:
