@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_right
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,16 +36,43 @@ log = logging.getLogger("gateway.replay")
 ReadHistory = Callable[[str, int, int], Awaitable[HistoryRead]]
 
 
+class SharedRead:
+    """One history read and the frames built from it, shared by every client
+    it serves: each trade is framed (and compressed) once per read, not once
+    per client, and a client's part is one slice."""
+
+    __slots__ = ("h", "seqs", "_plain", "_deflated", "ts")
+
+    def __init__(self, h: HistoryRead):
+        self.h = h
+        self.seqs = [seq for seq, _ in h.entries]
+        self._plain: list[bytes] | None = None
+        self._deflated: list[bytes] | None = None
+        self.ts = protocol.now_ms()
+
+    def frames(self, replayer: Replayer, deflate: bool) -> list[bytes]:
+        if self._plain is None:
+            epoch = (self.h.epoch or "").encode()
+            encode = replayer.impl.encode_sequenced_frame
+            self._plain = [encode(data, seq, epoch, self.ts) for seq, data in self.h.entries]
+        if not deflate:
+            return self._plain
+        if self._deflated is None:
+            self._deflated = [replayer.deflate(f) for f in self._plain]
+        return self._deflated
+
+
 class Replayer:
     def __init__(self, impl, fanout, table, read_history: ReadHistory,
-                 deflate: Callable[[bytes], bytes], page: int = 1000):
+                 deflate: Callable[[bytes], bytes], page: int = 1000, max_reads: int = 8):
         self.impl = impl
         self.fanout = fanout
         self.table = table
         self.read_history = read_history
         self.page = page                # trades per history read
         self.deflate = deflate
-        self._pending: dict[tuple[str, bool], list[tuple[int, asyncio.Future[HistoryRead]]]] = {}
+        self._pending: dict[tuple[str, bool], list[tuple[int, asyncio.Future[SharedRead]]]] = {}
+        self._reads = asyncio.Semaphore(max_reads)   # history reads in flight at once
         self._tasks: set[asyncio.Task] = set()
         self.replays = 0            # client resumes and snapshots served
         self.replayed_frames = 0
@@ -52,12 +80,12 @@ class Replayer:
         self.history_errors = 0
 
     # --- shared reads ---------------------------------------------------------
-    def _read(self, symbol: str, after: int) -> asyncio.Future[HistoryRead]:
+    def _read(self, symbol: str, after: int) -> asyncio.Future[SharedRead]:
         """A read of ``symbol``'s trades after ``after`` (-1: the latest
         one), shared with the other reads of it asked for in this loop turn:
         one read from the lowest position asked, filtered by each caller."""
         key = (symbol, after < 0)
-        fut: asyncio.Future[HistoryRead] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[SharedRead] = asyncio.get_running_loop().create_future()
         waiters = self._pending.get(key)
         if waiters is None:
             self._pending[key] = waiters = []
@@ -66,17 +94,19 @@ class Replayer:
         return fut
 
     async def _issue(self, key: tuple[str, bool]) -> None:
-        await asyncio.sleep(0)            # let this turn's other requests join
-        waiters = self._pending.pop(key)
-        after = -1 if key[1] else min(a for a, _ in waiters)
-        try:
-            result = await self.read_all(key[0], after)
-        except Exception as exc:  # Redis down or refusing: every waiter learns it
-            self.history_errors += 1
-            for _, fut in waiters:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
+        # Requests that arrive while this one waits for a free read join it:
+        # under a storm, a few reads serve many clients.
+        async with self._reads:
+            waiters = self._pending.pop(key)
+            after = -1 if key[1] else min(a for a, _ in waiters)
+            try:
+                result = SharedRead(await self.read_all(key[0], after))
+            except Exception as exc:  # Redis down or refusing: every waiter learns it
+                self.history_errors += 1
+                for _, fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
         for _, fut in waiters:
             if not fut.done():
                 fut.set_result(result)
@@ -126,20 +156,20 @@ class Replayer:
         ts = protocol.now_ms()
         channel = self.table.channel_for(symbol)
         try:
-            h = await self._read(symbol, since.seq if since is not None else -1)
+            shared = await self._read(symbol, since.seq if since is not None else -1)
         except Exception as exc:
             log.warning("history of %s unavailable (%s): resume answered with a gap", symbol, exc)
             if since is not None:
                 out.append(self._text(listener, protocol.history_gap(
                     symbol, since.epoch, since.seq + 1, 0, protocol.GAP_UNAVAILABLE, ts)))
             return
+        h = shared.h
         if since is None:                                   # snapshot: the latest trade
             epoch = h.epoch
             if epoch is not None and h.entries:
-                seq, data = h.entries[-1]
-                out.append(self._frame(listener, data, seq, epoch, ts))
-                floors[channel] = seq
-                self._floor(listener, channel, epoch, seq)
+                out.append(shared.frames(self, listener.deflate)[-1])
+                floors[channel] = h.entries[-1][0]
+                self._floor(listener, channel, epoch, h.entries[-1][0])
             return
         if h.epoch is None:
             # Redis holds no history for it: whatever came after since is unknowable.
@@ -151,7 +181,8 @@ class Replayer:
             # A new history: the client's position means nothing in it; it
             # gets everything retained, after a notice of what is not.
             if since.seq > 0:
-                h = await self._read(symbol, 0)
+                shared = await self._read(symbol, 0)
+                h = shared.h
             out.append(self._text(listener, protocol.history_gap(
                 symbol, h.epoch, 1, h.first - 1 if h.first else h.last,
                 protocol.GAP_EPOCH_CHANGED, ts)))
@@ -166,22 +197,17 @@ class Replayer:
         epoch = h.epoch
         if epoch is None:          # gone between two reads: nothing to replay
             return
-        last = after
-        for seq, data in h.entries:
-            if seq > after:
-                out.append(self._frame(listener, data, seq, epoch, ts))
-                self.replayed_frames += 1
-                last = seq
+        start = bisect_right(shared.seqs, after)
+        frames = shared.frames(self, listener.deflate)[start:]
+        out.extend(frames)
+        self.replayed_frames += len(frames)
+        last = shared.seqs[-1] if frames else after
         floors[channel] = last
         self._floor(listener, channel, epoch, last)
 
     def _floor(self, listener, channel: bytes, epoch: str, seq: int) -> None:
         if seq > 0:
             listener.set_floor(channel, epoch.encode(), seq)
-
-    def _frame(self, listener, data: bytes, seq: int, epoch: str, ts: int) -> bytes:
-        frame = self.impl.encode_sequenced_frame(data, seq, epoch.encode(), ts)
-        return self.deflate(frame) if listener.deflate else frame
 
     def _text(self, listener, body: bytes) -> bytes:
         frame = self.impl.encode_text_frame(body)

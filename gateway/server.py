@@ -192,11 +192,18 @@ class Gateway:
 def history_client(target: RedisTarget):
     """A redis.asyncio client for commands on the same Redis as the subscription."""
     import redis.asyncio as aredis
+    # Replays run at most a handful of reads at once (gateway.replay); a
+    # blocking pool makes any excess wait for a connection instead of failing.
+    kwargs: dict = dict(username=target.username, password=target.password, db=target.db,
+                        max_connections=16, timeout=10)
     if target.unix_path:
-        return aredis.Redis(unix_socket_path=target.unix_path, username=target.username,
-                            password=target.password, db=target.db)
-    return aredis.Redis(host=target.host, port=target.port, ssl=target.tls, username=target.username,
-                        password=target.password, db=target.db)
+        pool = aredis.BlockingConnectionPool(connection_class=aredis.UnixDomainSocketConnection,
+                                             path=target.unix_path, **kwargs)
+    else:
+        pool = aredis.BlockingConnectionPool(
+            connection_class=aredis.SSLConnection if target.tls else aredis.Connection,
+            host=target.host, port=target.port, **kwargs)
+    return aredis.Redis(connection_pool=pool)
 
 
 def _normalize_connection_header(headers) -> None:
