@@ -258,14 +258,24 @@ class Replayer:
             self._notify(channel, protocol.history_gap(symbol, epoch, last + 1, missing_to,
                                                        protocol.GAP_UNAVAILABLE, protocol.now_ms()))
         else:
-            if h.epoch == epoch:
-                if h.first and h.first > last + 1:
+            if h.epoch is not None and h.epoch != epoch:
+                # The history started anew (Redis lost it): what the old
+                # epoch had after `last` is gone for good; the new epoch's
+                # trades so far follow a notice of the ones no longer held.
+                if last > 0:
+                    h = await self.read_all(symbol, 0)
+                if h.epoch is not None:
                     self._notify(channel, protocol.history_gap(
-                        symbol, epoch, last + 1, h.first - 1, protocol.GAP_TRIMMED, protocol.now_ms()))
+                        symbol, h.epoch, 1, h.first - 1 if h.first else h.last,
+                        protocol.GAP_EPOCH_CHANGED, protocol.now_ms()))
+            elif h.first and h.first > last + 1:
+                self._notify(channel, protocol.history_gap(
+                    symbol, epoch, last + 1, h.first - 1, protocol.GAP_TRIMMED, protocol.now_ms()))
+            if h.epoch is not None:
                 pattern = self.table.prefix + b"*"
                 for seq, data in h.entries:
                     replies.append([b"pmessage", pattern, channel,
-                                    protocol.published_form(data, seq, epoch.encode())])
+                                    protocol.published_form(data, seq, h.epoch.encode())])
                 self.fills += 1
         finally:
             pattern = self.table.prefix + b"*"

@@ -192,10 +192,15 @@ class Gateway:
 def history_client(target: RedisTarget):
     """A redis.asyncio client for commands on the same Redis as the subscription."""
     import redis.asyncio as aredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
     # Replays run at most a handful of reads at once (gateway.replay); a
     # blocking pool makes any excess wait for a connection instead of failing.
+    # A pooled connection that Redis closed (a restart) is retried on a new
+    # one: without a Retry, a pool built by hand makes none.
     kwargs: dict = dict(username=target.username, password=target.password, db=target.db,
-                        max_connections=16, timeout=10)
+                        max_connections=16, timeout=10,
+                        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3))
     if target.unix_path:
         pool = aredis.BlockingConnectionPool(connection_class=aredis.UnixDomainSocketConnection,
                                              path=target.unix_path, **kwargs)

@@ -251,13 +251,6 @@ def test_resume_on_another_instance_after_kill_9(redis_server, gateways):
 
 # -- 2. Redis restarted without persistence ------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the gateway does not load the Redis Function library again after Redis restarts: "
-    "its history client (a BlockingConnectionPool given to redis.asyncio.Redis, whose "
-    "connections then get no retry) sends FUNCTION LOAD on the pooled connection Redis "
-    "closed, logs 'could not load the publish_trade Redis Function library (Connection "
-    "closed by server.)' and never tries again, so publish_trade fails with 'Function "
-    "not found' ('not library reloaded by the gateway within 10 s')"))
 def test_resume_with_the_old_epoch_after_redis_restart(own_redis, gateways):
     own_redis.start()
     sym = fresh_symbols(1)[0]
@@ -301,13 +294,6 @@ def test_resume_with_the_old_epoch_after_redis_restart(own_redis, gateways):
     assert not gw.tracebacks()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "after Redis restarts without persistence, the gateway's own gap fill ignores trades "
-    "of the new epoch published before its subscription came back (Replayer._fill only "
-    "fills when the history's epoch equals the old one): a live client gets the new epoch "
-    "from seq 4, seqs 1-3 lost with no notice of them (since the blocking history pool, "
-    "the refill's read also fails on the connection Redis closed: one 'unavailable' gap "
-    "from 6 to 0 of the old epoch)"))
 def test_live_client_gets_the_new_epoch_from_seq_1_after_redis_restart(own_redis, gateways):
     """A deployment loads the library itself (ws-gateway-functions load) and
     publishes as soon as Redis is back, before the gateway's subscription is:
