@@ -48,6 +48,9 @@ cdef class SymbolTable:
     cdef:
         readonly bytes prefix
         dict channels                    # channel bytes -> list[ClientListener]
+        # Sequenced channels: channel -> [epoch bytes, last seq routed]; the
+        # fan-out keeps it, and it goes with the channel's last subscriber.
+        dict positions
         readonly Py_ssize_t subscription_count
 
     cpdef bytes channel_for(self, str symbol)
@@ -78,9 +81,6 @@ cdef class FanOut:
         readonly uint64_t compressed_messages
         readonly uint64_t sequenced_messages
         readonly uint64_t duplicate_messages   # sequenced trades at or below the channel's position
-        # Sequenced channels: channel -> [epoch bytes, last seq routed], kept
-        # while the channel has subscribers.
-        dict positions
         # Channels whose messages are held (payloads, in order) while a gap
         # in the gateway's own stream is filled from the history.
         dict holds

@@ -705,6 +705,7 @@ cdef class SymbolTable:
     def __init__(self, bytes prefix=b"channel:trade:"):
         self.prefix = prefix
         self.channels = {}
+        self.positions = {}
         self.subscription_count = 0
 
     cpdef bytes channel_for(self, str symbol):
@@ -733,6 +734,9 @@ cdef class SymbolTable:
         subs.remove(conn)
         if not subs:
             del self.channels[key]
+            # Nobody follows it now: a later subscriber starts from whatever
+            # comes next, not from a stale position that would look like a gap.
+            self.positions.pop(key, None)
         self.subscription_count -= 1
         return True
 
@@ -794,7 +798,6 @@ cdef class FanOut:
         self.max_buffered = max_buffered
         self.slow_consumer_callback = slow_consumer_callback
         self.touched = []
-        self.positions = {}
         self.holds = {}
         self.gap_callback = None
         # One raw-deflate stream; a full flush after each message makes every
@@ -819,12 +822,12 @@ cdef class FanOut:
 
     def position(self, bytes channel):
         """(epoch, last seq routed) of a sequenced channel with subscribers, or None."""
-        pos = self.positions.get(channel)
+        pos = self.table.positions.get(channel)
         return None if pos is None else (pos[0].decode(), pos[1])
 
     def forget(self, bytes channel):
         """Drop ``channel``'s position: its next sequenced trade starts it anew."""
-        self.positions.pop(channel, None)
+        self.table.positions.pop(channel, None)
 
     def hold(self, bytes channel):
         """Hold every message for ``channel`` (in order) until ``release``."""
@@ -874,8 +877,6 @@ cdef class FanOut:
         found = PyDict_GetItem(self.table.channels, channel)
         if found == NULL:
             self.unrouted_messages += 1
-            if self.positions:
-                self.positions.pop(channel, None)
             return 0
         subs = <list>found
         nsubs = PyList_GET_SIZE(subs)
@@ -884,9 +885,9 @@ cdef class FanOut:
         if _split_sequenced(p, plen, &sq):
             seq = sq.seq
             self.sequenced_messages += 1
-            found = PyDict_GetItem(self.positions, channel)
+            found = PyDict_GetItem(self.table.positions, channel)
             if found == NULL:
-                self.positions[channel] = [PyBytes_FromStringAndSize(p + sq.epoch_off, sq.epoch_len), seq]
+                self.table.positions[channel] = [PyBytes_FromStringAndSize(p + sq.epoch_off, sq.epoch_len), seq]
             else:
                 pos = <list>found
                 if (PyBytes_GET_SIZE(pos[0]) == sq.epoch_len

@@ -239,7 +239,7 @@ class ClientListener(WSListener):
 class SymbolTable:
     """symbol -> subscribed clients, keyed by the full channel name."""
 
-    __slots__ = ("_prefix", "_channels", "_subscription_count")
+    __slots__ = ("_prefix", "_channels", "_positions", "_subscription_count")
 
     prefix = property(attrgetter("_prefix"))
     subscription_count = property(attrgetter("_subscription_count"))
@@ -247,6 +247,7 @@ class SymbolTable:
     def __init__(self, prefix: bytes = b"channel:trade:"):
         self._prefix = prefix
         self._channels: dict[bytes, list[ClientListener]] = {}
+        self._positions: dict[bytes, list] = {}     # see the compiled SymbolTable
         self._subscription_count = 0
 
     def channel_for(self, symbol: str) -> bytes:
@@ -271,6 +272,7 @@ class SymbolTable:
         subs.remove(conn)
         if not subs:
             del self._channels[key]
+            self._positions.pop(key, None)
         self._subscription_count -= 1
         return True
 
@@ -311,7 +313,7 @@ class FanOut:
                  "_latency_counts", "_latency_sum_ns", "_redis_messages", "_frames_sent",
                  "_bytes_sent", "_writes", "_dropped_payloads", "_unrouted_messages", "_batches",
                  "_dispatch_errors", "_conflated_messages", "_compressed_messages",
-                 "_sequenced_messages", "_duplicate_messages", "_positions", "_holds", "gap_callback")
+                 "_sequenced_messages", "_duplicate_messages", "_holds", "gap_callback")
 
     # Read-only from outside, as in the compiled module.
     table = property(attrgetter("_table"))
@@ -341,7 +343,6 @@ class FanOut:
         self._dropped_payloads = self._unrouted_messages = self._batches = 0
         self._dispatch_errors = self._conflated_messages = self._compressed_messages = 0
         self._sequenced_messages = self._duplicate_messages = 0
-        self._positions: dict[bytes, list] = {}
         self._holds: dict[bytes, list[bytes]] = {}
         self.gap_callback: Callable[[bytes, str, int, int], Any] | None = None
 
@@ -358,12 +359,12 @@ class FanOut:
 
     def position(self, channel: bytes) -> tuple[str, int] | None:
         """(epoch, last seq routed) of a sequenced channel with subscribers, or None."""
-        pos = self._positions.get(channel)
+        pos = self._table._positions.get(channel)
         return None if pos is None else (pos[0].decode(), pos[1])
 
     def forget(self, channel: bytes) -> None:
         """Drop ``channel``'s position: its next sequenced trade starts it anew."""
-        self._positions.pop(channel, None)
+        self._table._positions.pop(channel, None)
 
     def hold(self, channel: bytes) -> None:
         """Hold every message for ``channel`` (in order) until ``release``."""
@@ -398,8 +399,6 @@ class FanOut:
         subs = self._table.lookup(channel) if type(channel) is bytes else None
         if subs is None:
             self._unrouted_messages += 1
-            if self._positions:
-                self._positions.pop(channel, None)
             return
         sequenced = split_published(payload)
         seq = 0
@@ -407,9 +406,9 @@ class FanOut:
         if sequenced is not None:
             seq, epoch, data = sequenced
             self._sequenced_messages += 1
-            pos = self._positions.get(channel)
+            pos = self._table._positions.get(channel)
             if pos is None:
-                self._positions[channel] = [epoch, seq]
+                self._table._positions[channel] = [epoch, seq]
             elif pos[0] == epoch:
                 if seq <= pos[1]:
                     self._duplicate_messages += 1

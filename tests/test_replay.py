@@ -378,3 +378,29 @@ def test_resume_for_a_permessage_deflate_client(aio, impl, redis_server):
             assert [m["seq"] for m in await trades(ws, 6)] == [3, 4, 5, 6, 7, 8]
             await ws.close()
     aio(main())
+
+
+def test_a_channel_nobody_follows_forgets_its_position(impl):
+    """After its last subscriber leaves, a channel's next subscriber starts
+    from what comes next: the trades nobody followed are no gap to fill."""
+    from gateway import protocol
+    table = impl.SymbolTable()
+    fanout = impl.FanOut(table)
+    gaps = []
+    fanout.gap_callback = lambda *a: gaps.append(a)
+    ch = table.channel_for("AAPL")
+
+    def msg(seq):
+        return [b"pmessage", b"p", ch, protocol.published_form(b"{}", seq, b"ep")]
+    a, b = impl.ClientListener(), impl.ClientListener()
+    frames: list[bytes] = []
+    b.sink = frames.append
+    table.subscribe(a, "AAPL")
+    fanout.dispatch([msg(1), msg(2)])
+    assert fanout.position(ch) == ("ep", 2)
+    table.remove_connection(a)
+    assert fanout.position(ch) is None
+    fanout.dispatch([msg(3), msg(4)])               # unrouted
+    table.subscribe(b, "AAPL")
+    fanout.dispatch([msg(5)])
+    assert gaps == [] and fanout.position(ch) == ("ep", 5) and len(frames) == 1
