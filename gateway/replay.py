@@ -234,21 +234,18 @@ class Replayer:
     def refill(self) -> None:
         """After the Redis subscription comes back: fill every subscribed
         sequenced channel from where the gateway stopped."""
-        for channel in list(self.fanout_channels()):
+        for channel in [self.table.channel_for(symbol) for symbol in self.table.symbols()]:
             pos = self.fanout.position(channel)
             if pos is None or self.fanout.holding(channel):
                 continue
             self.fanout.hold(channel)
             self._spawn(self._fill(channel, pos[0], pos[1]))
 
-    def fanout_channels(self) -> list[bytes]:
-        prefix = self.table.prefix
-        return [prefix + s.encode() for s in self.table.symbols()]
-
     async def _fill(self, channel: bytes, epoch: str, last: int, missing_to: int = 0) -> None:
         """Fill ``channel`` after ``last``; ``missing_to`` is the last seq known
         to be missing (0: not known, as after a reconnect)."""
         symbol = channel[len(self.table.prefix):].decode()
+        pattern = self.table.prefix + b"*"
         replies: list[Any] = []
         try:
             h = await self.read_all(symbol, last)
@@ -272,13 +269,11 @@ class Replayer:
                 self._notify(channel, protocol.history_gap(
                     symbol, epoch, last + 1, h.first - 1, protocol.GAP_TRIMMED, protocol.now_ms()))
             if h.epoch is not None:
-                pattern = self.table.prefix + b"*"
                 for seq, data in h.entries:
                     replies.append([b"pmessage", pattern, channel,
                                     protocol.published_form(data, seq, h.epoch.encode())])
                 self.fills += 1
         finally:
-            pattern = self.table.prefix + b"*"
             held = self.fanout.release(channel)
             replies.extend([b"pmessage", pattern, channel, p] for p in held)
             # Routed in order from a fresh position (what could not be filled
@@ -288,7 +283,7 @@ class Replayer:
             self.fanout.dispatch(replies)
 
     def _notify(self, channel: bytes, body: bytes) -> None:
-        for conn in self.table.subscribers(channel[len(self.table.prefix):].decode()):
+        for conn in self.table.lookup(channel) or ():
             conn.send_text(body)
 
     async def close(self) -> None:

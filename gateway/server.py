@@ -55,8 +55,8 @@ class Gateway:
         self.counters = Counters(self.fanout, self.table, self.sessions, self.access.refusals)
         self.control = ControlHandler(self.table)
         self.control.errors = self.counters.errors
-        self.hub = Hub(SessionPolicy.from_config(config), self.server_id, self.table, self.control,
-                       self.access, self.counters, self.sessions)
+        self.hub = Hub(SessionPolicy.from_config(config), self.server_id, self.table, self.fanout,
+                       self.control, self.access, self.counters, self.sessions)
         self.redis = RedisSubscriber(config.redis, config.channel_prefix + "*",
                                      lambda on_reply: self.impl.SubscriptionReader(self.fanout, on_reply),
                                      on_state=self._on_redis_state)
@@ -69,7 +69,6 @@ class Gateway:
         self.fanout.gap_callback = self.replayer.on_gap
         self.hub.replayer = self.replayer
         self.counters.replayer = self.replayer
-        self._subscribed_before = False
         self.counters.redis = self.redis
         self.stats = Stats(self.counters, self.server_id)
         self.endpoints = Endpoints(self.server_id, self._not_ready,
@@ -107,15 +106,15 @@ class Gateway:
         return listener
 
     def _on_redis_state(self, ready: bool, reason: str) -> None:
-        if ready:
-            if self._subscribed_before:
-                # Back after a drop: deliver what was published meanwhile
-                # before anything newer, and load the library again (a
-                # Redis restarted without persistence has lost it).
-                self.replayer.refill()
-                task = asyncio.get_running_loop().create_task(self._load_library())
-                self._tasks.append(task)
-            self._subscribed_before = True
+        if ready and self.redis.connects > 1:
+            # Back after a drop: deliver what was published meanwhile before
+            # anything newer, and load the library again (a Redis restarted
+            # without persistence has lost it). After refused attempts only,
+            # both find nothing to do.
+            self.replayer.refill()
+            task = asyncio.get_running_loop().create_task(self._load_library())
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks.remove)
 
     async def _load_library(self) -> None:
         c = self.config

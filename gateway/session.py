@@ -56,14 +56,15 @@ class SessionPolicy:
 class Hub:
     """What every session of one gateway shares."""
 
-    __slots__ = ("policy", "server_id", "table", "control", "access", "counters", "sessions",
-                 "closing", "replayer")
+    __slots__ = ("policy", "server_id", "table", "fanout", "control", "access", "counters",
+                 "sessions", "closing", "replayer")
 
-    def __init__(self, policy: SessionPolicy, server_id: str, table, control: ControlHandler,
+    def __init__(self, policy: SessionPolicy, server_id: str, table, fanout, control: ControlHandler,
                  access: AccessPolicy, counters: Counters, sessions: set[Session]):
         self.policy = policy
         self.server_id = server_id
         self.table = table
+        self.fanout = fanout
         self.control = control
         self.access = access
         self.counters = counters
@@ -153,7 +154,7 @@ class Session:
         """A conflating client drained: send what it missed, then resume."""
         listener.conflating = False
         prefix = self.hub.table.prefix
-        fanout = self.hub.counters.fanout
+        fanout = self.hub.fanout
         ts = protocol.now_ms()
         for channel, frame, skipped, first, last in listener.take_conflated():
             position = fanout.position(channel) if first else None

@@ -77,7 +77,8 @@ def make(policy: SessionPolicy | None = None, admission: Admission | None = None
     counters = Counters(fanout, table, sessions, access.refusals)
     control = ControlHandler(table, clock=lambda: 7)
     control.errors = counters.errors
-    hub = Hub(policy or SessionPolicy(), "ws-gateway-test", table, control, access, counters, sessions)
+    hub = Hub(policy or SessionPolicy(), "ws-gateway-test", table, fanout, control, access, counters,
+              sessions)
     session = Session(hub, admission or Admission(ip="127.0.0.1"), max_symbols)
     listener = P.ClientListener(session)
     t = Transport()
@@ -216,7 +217,7 @@ def test_slow_consumer_conflates_then_sends_gap_and_latest():
     on_slow_consumer(listener)
     assert listener.conflating and hub.counters.slow_consumers == {"conflate": 1}
     for n in range(3):  # the fan-out holds the newest frame per channel while conflating
-        hub.counters.fanout.dispatch([[b"pmessage", b"channel:trade:*", b"channel:trade:AAPL",
+        hub.fanout.dispatch([[b"pmessage", b"channel:trade:*", b"channel:trade:AAPL",
                                        b'{"n":%d}' % n]])
     before = len(t.underlying_transport.written)
     listener.resume_writing()
