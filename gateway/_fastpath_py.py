@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Any
@@ -23,6 +22,7 @@ from picows import WSListener, WSMsgType
 
 from . import frames as _frames
 from . import protocol as _protocol
+from .compression import compress_message
 from .protocol import TRADE_HEAD, TRADE_MID, TRADE_TAIL
 
 IS_COMPILED = False
@@ -309,7 +309,7 @@ class FanOut:
     """Routes trade messages to subscribers and writes each client's batch;
     see gateway._fastpath.FanOut."""
 
-    __slots__ = ("_table", "max_buffered", "slow_consumer_callback", "_touched", "_compressor",
+    __slots__ = ("_table", "max_buffered", "slow_consumer_callback", "_touched",
                  "_latency_counts", "_latency_sum_ns", "_redis_messages", "_frames_sent",
                  "_bytes_sent", "_writes", "_dropped_payloads", "_unrouted_messages", "_batches",
                  "_dispatch_errors", "_conflated_messages", "_compressed_messages",
@@ -336,7 +336,6 @@ class FanOut:
         self.max_buffered = max_buffered
         self.slow_consumer_callback = slow_consumer_callback
         self._touched: list[ClientListener] = []
-        self._compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
         self._latency_counts = [0] * (len(_BUCKET_NS) + 1)
         self._latency_sum_ns = 0
         self._redis_messages = self._frames_sent = self._bytes_sent = self._writes = 0
@@ -452,10 +451,8 @@ class FanOut:
         self._bytes_sent += (len(subs) - held - skipped) * len(frame)
 
     def _deflate_frame(self, body: bytes) -> bytes:
-        z = self._compressor.compress(body) + self._compressor.flush(zlib.Z_FULL_FLUSH)
-        z = z[:-4]  # RFC 7692 7.2.1: drop the trailing 00 00 ff ff
         self._compressed_messages += 1
-        return bytes((0xC1,)) + _header(len(z))[1:] + z
+        return compress_message(body)
 
     def _flush(self) -> None:
         touched, self._touched = self._touched, []

@@ -56,15 +56,16 @@ def _acceptable(offer: str) -> bool:
     return True
 
 
-_frame_compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+# One raw-deflate stream; a full flush after each message makes every
+# message decodable on its own (server_no_context_takeover), whoever got
+# the ones before, so one stream serves every client.
+_compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
 
 
-def deflate_frame(frame: bytes) -> bytes:
-    """A server text frame (unmasked, FIN) as the same message compressed
-    for a client that negotiated the extension (replays, not the hot path)."""
-    n = frame[1]
-    start = 2 if n < 126 else (4 if n == 126 else 10)
-    z = _frame_compressor.compress(frame[start:]) + _frame_compressor.flush(zlib.Z_FULL_FLUSH)
+def compress_message(body: bytes) -> bytes:
+    """The compressed text frame (RSV1 set) carrying ``body``: the pure-Python
+    fast path and replays use it; the compiled fast path has its own copy in C."""
+    z = _compressor.compress(body) + _compressor.flush(zlib.Z_FULL_FLUSH)
     z = z[:-4]  # RFC 7692 7.2.1: drop the trailing 00 00 ff ff
     size = len(z)
     if size < 126:
@@ -74,6 +75,13 @@ def deflate_frame(frame: bytes) -> bytes:
     else:
         head = bytes((0xC1, 127)) + size.to_bytes(8, "big")
     return head + z
+
+
+def deflate_frame(frame: bytes) -> bytes:
+    """A server text frame (unmasked, FIN) as the same message compressed
+    for a client that negotiated the extension (replays, not the hot path)."""
+    n = frame[1]
+    return compress_message(frame[2 if n < 126 else (4 if n == 126 else 10):])
 
 
 def _digits(value: str) -> bool:
