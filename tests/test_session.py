@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from gateway import _fastpath_py as P
+from gateway._testbase.ws import FrameParser
 from gateway.access import AccessPolicy, Admission
 from gateway.config import Config
 from gateway.control import ControlHandler
@@ -61,12 +62,8 @@ class Transport:
 
 
 def messages(t: Transport) -> list[dict]:
-    out = []
-    for frame in t.underlying_transport.written:
-        n = frame[1] & 0x7F
-        start = 2 if n < 126 else (4 if n == 126 else 10)
-        out.append(orjson.loads(frame[start:]))
-    return out
+    parser = FrameParser()
+    return [orjson.loads(f.payload) for w in t.underlying_transport.written for f in parser.feed(w)]
 
 
 def make(policy: SessionPolicy | None = None, admission: Admission | None = None, max_symbols=5):
