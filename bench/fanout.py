@@ -1571,11 +1571,20 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(doc, indent=1))
         print(markdown(results, doc["meta"]["revisions"]))
         print(f"\nresults: {out}  ({doc['duration_s']:.1f} s)")
-        bad = [r for r in results if not r.get("ok")]
-        if args.keep_workdir or bad or harness_error:
-            print(f"logs: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        keep_or_remove_workdir(workdir, results, args.keep_workdir, harness_error)
+    return exit_status(results, harness_error)
+
+
+def keep_or_remove_workdir(workdir: Path, results: list[dict], keep: bool, harness_error) -> None:
+    """Logs stay (and are named) when asked for or when anything went wrong."""
+    if keep or harness_error or any(not r.get("ok") for r in results):
+        print(f"logs: {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def exit_status(results: list[dict], harness_error) -> int:
+    """0 all correct, 3 some case incorrect, 1 harness error."""
     if harness_error:
         return 1
     return 3 if any(not r.get("ok") for r in results) else 0

@@ -747,10 +747,12 @@ static int valid_path(const char *p) {
     return 1;
 }
 
-/* -T: line i is connection i's path; fewer lines than connections repeat. */
-static void load_paths(const char *path) {
+/* The non-empty lines of a file, newline stripped; exits 2 on a line that
+ * check() refuses (what names the file in messages) or an empty file. */
+static char **read_lines(const char *path, const char *what, int (*check)(const char *, ssize_t),
+                         size_t *count) {
     FILE *f = fopen(path, "r");
-    if (!f) die("open paths file");
+    if (!f) die(what);
     char **lines = NULL;
     size_t n = 0, cap = 0, len = 0;
     char *line = NULL;
@@ -758,7 +760,7 @@ static void load_paths(const char *path) {
     while ((r = getline(&line, &len, f)) >= 0) {
         while (r > 0 && (line[r - 1] == '\n' || line[r - 1] == '\r')) line[--r] = 0;
         if (!r) continue;
-        if (!valid_path(line)) { fprintf(stderr, "loadclient: bad path in %s\n", path); exit(2); }
+        if (!check(line, r)) { fprintf(stderr, "loadclient: bad line in %s %s\n", what, path); exit(2); }
         if (n == cap) {
             cap = cap ? cap * 2 : 1024;
             lines = realloc(lines, cap * sizeof *lines);
@@ -768,31 +770,25 @@ static void load_paths(const char *path) {
     }
     free(line);
     fclose(f);
-    if (!n) { fprintf(stderr, "loadclient: empty paths file\n"); exit(2); }
+    if (!n) { fprintf(stderr, "loadclient: empty %s %s\n", what, path); exit(2); }
+    *count = n;
+    return lines;
+}
+
+static int path_line(const char *line, ssize_t len) { (void)len; return valid_path(line); }
+static int sub_line(const char *line, ssize_t len) { (void)line; return len <= 1024; }
+
+/* -T: line i is connection i's path; fewer lines than connections repeat. */
+static void load_paths(const char *path) {
+    size_t n;
+    char **lines = read_lines(path, "paths file", path_line, &n);
     for (int i = 0; i < nconns; i++) conns[i].path = lines[(size_t)i % n];
 }
 
+/* -J: line i is connection i's subscribe message (at most 1024 bytes). */
 static void load_subs(const char *path) {
-    FILE *f = fopen(path, "r");
-    if (!f) die("open subscribe file");
-    char **lines = NULL;
-    size_t n = 0, cap = 0, len = 0;
-    char *line = NULL;
-    ssize_t r;
-    while ((r = getline(&line, &len, f)) >= 0) {
-        while (r > 0 && (line[r - 1] == '\n' || line[r - 1] == '\r')) line[--r] = 0;
-        if (!r) continue;
-        if (r > 1024) { fprintf(stderr, "loadclient: subscribe message over 1024 bytes in %s\n", path); exit(2); }
-        if (n == cap) {
-            cap = cap ? cap * 2 : 1024;
-            lines = realloc(lines, cap * sizeof *lines);
-            if (!lines) die("realloc");
-        }
-        lines[n++] = strdup(line);
-    }
-    free(line);
-    fclose(f);
-    if (!n) { fprintf(stderr, "loadclient: empty subscribe file\n"); exit(2); }
+    size_t n;
+    char **lines = read_lines(path, "subscribe file", sub_line, &n);
     for (int i = 0; i < nconns; i++) conns[i].sub = lines[(size_t)i % n];
 }
 

@@ -55,7 +55,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -78,6 +77,8 @@ from fanout import (  # noqa: E402
     Redis,
     build_tools,
     client_symbols,
+    exit_status,
+    keep_or_remove_workdir,
     per_symbol_counts,
     procfs,
     scrape_metrics,
@@ -436,14 +437,8 @@ def main(argv=None) -> int:
             Path(args.out).write_text(json.dumps(doc, indent=1))
         print(report(results, sz))
         print(f"\n({doc['duration_s']:.1f} s){'  results: ' + args.out if args.out else ''}")
-        bad = [r for r in results if not r.get("ok")]
-        if args.keep_workdir or bad or harness_error:
-            print(f"logs: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if harness_error:
-        return 1
-    return 3 if any(not r.get("ok") for r in results) else 0
+        keep_or_remove_workdir(workdir, results, args.keep_workdir, harness_error)
+    return exit_status(results, harness_error)
 
 
 if __name__ == "__main__":
