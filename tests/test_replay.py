@@ -410,3 +410,52 @@ def test_a_channel_nobody_follows_forgets_its_position(impl):
     table.subscribe(b, "AAPL")
     fanout.dispatch([msg(5)])
     assert gaps == [] and fanout.position(ch) == ("ep", 5) and len(frames) == 1
+
+
+@pytest.mark.heavy
+def test_slow_consumer_gap_names_sequenced_seqs(aio, impl, redis_server):
+    """Conflation over a real socket with sequenced trades: each gap notice
+    says which seqs were skipped, and they are exactly the ones missing."""
+    from test_lifecycle import raw_client
+    sym = fresh("C")
+
+    async def main():
+        async with running_gateway(impl, redis_server.url, max_buffered_bytes=128 * 1024,
+                                   slow_client_policy="conflate") as gw:
+            await wait_until(lambda: gw.redis.ready)
+            loop = asyncio.get_running_loop()
+            slow = await raw_client(gw.port, 4096)
+            slow.send_text(orjson.dumps({"action": "subscribe", "symbols": [sym]}))
+            await wait_until(lambda: gw.table.subscription_count == 1)
+            r = redis_server.client()
+            pad = "x" * 150
+            total = 20000
+
+            def burst(start, stop):
+                pipe = r.pipeline(transaction=False)
+                for n in range(start, stop):
+                    publish_trade(pipe, sym, {"n": n, "pad": pad})
+                pipe.execute()
+            for start in range(0, total, 2000):
+                await loop.run_in_executor(None, burst, start, start + 2000)
+            await wait_until(lambda: gw.counters.slow_consumers.get("conflate", 0) >= 1, 10)
+            slow.sock.settimeout(10)
+            last, gaps, pending = 0, 0, None
+            while last < total:
+                msg = await loop.run_in_executor(None, slow.text)
+                if msg["type"] == "success":
+                    continue
+                if msg["type"] == "gap":
+                    d = msg["data"]
+                    assert d["reason"] == "slow_consumer" and d["from"] == last + 1
+                    assert d["skipped"] == d["to"] - d["from"] + 1 and d["epoch"]
+                    pending = d
+                    gaps += 1
+                    continue
+                assert msg["type"] == "trade"
+                expected = pending["to"] + 1 if pending else last + 1
+                assert msg["seq"] == expected, (msg["seq"], last, pending)
+                last, pending = msg["seq"], None
+            assert gaps >= 1
+            slow.close()
+    aio(main(), timeout=120)
