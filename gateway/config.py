@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -183,6 +184,34 @@ def _origins(name: str, text: str) -> tuple[str, ...]:
     return items
 
 
+# Candle intervals: a whole number and a unit, aligned to UTC multiples of
+# their length (a day divides evenly into each, so no bucket straddles midnight).
+_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+INTERVAL_RE = re.compile(r"([1-9][0-9]{0,4})([smhd])")
+
+
+def interval_ms(name: str) -> int:
+    """The length of candle interval ``name`` ("1s", "5m", "1h", "1d") in milliseconds."""
+    m = INTERVAL_RE.fullmatch(name)
+    if m is None:
+        raise ValueError(f"not a candle interval: {name!r}")
+    return int(m.group(1)) * _UNIT_MS[m.group(2)]
+
+
+def _intervals(name: str, text: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for item in _csv(name, text):
+        if INTERVAL_RE.fullmatch(item) is None:
+            raise ConfigError(f"{name} entries must look like 1s, 30s, 1m, 5m, 1h or 1d, got {item!r}")
+        ms = interval_ms(item)
+        if ms > 86_400_000 or 86_400_000 % ms:
+            raise ConfigError(f"{name}: {item!r} must divide a day evenly (1s to 1d)")
+        if any(interval_ms(o) == ms for o in out):
+            raise ConfigError(f"{name} names the interval {item!r} twice")
+        out.append(item)
+    return tuple(sorted(out, key=interval_ms))
+
+
 def _on_off(name: str, text: str) -> bool:
     value = text.strip().lower()
     if value in ("on", "1", "true", "yes"):
@@ -255,11 +284,27 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("history_size", "WS_HISTORY_SIZE", "--history-size", "10000", _int(1, 10_000_000),
             "trades kept per symbol for replay (the publish_trade Redis Function's stream length, "
             "set when the gateway loads it)"),
+    Setting("candle_intervals", "WS_CANDLE_INTERVALS", "--candle-intervals", "1s,1m,5m", _intervals,
+            "candle streams clients may subscribe to as SYMBOL@INTERVAL (empty: none); must match "
+            "the candle service's"),
+    Setting("candle_backfill", "WS_CANDLE_BACKFILL", "--candle-backfill", "100", _int(0, 10000),
+            "final candles sent ahead of the open one when a client subscribes to a candle stream"),
+    Setting("candle_channel_prefix", "WS_CANDLE_CHANNEL_PREFIX", "--candle-channel-prefix",
+            "channel:candle:", _prefix,
+            "Redis channel prefix of candle streams (PREFIX<interval>:<SYMBOL>)"),
     Setting("compression", "WS_COMPRESSION", "--compression", "on", _on_off,
             "permessage-deflate for clients that offer it: on or off"),
     Setting("log_level", "LOG_LEVEL", "--log-level", "INFO", _log_level,
             "DEBUG, INFO, WARNING or ERROR"),
 )
+
+
+def check_prefixes(trade: str, candle: str) -> None:
+    # One pattern must not match the other's channels, or a message would be
+    # routed twice (or a candle taken for a trade).
+    if trade.startswith(candle) or candle.startswith(trade):
+        raise ConfigError(f"WS_CHANNEL_PREFIX ({trade!r}) and WS_CANDLE_CHANNEL_PREFIX ({candle!r}) "
+                          "must not be prefixes of each other")
 
 
 @dataclass(frozen=True)
@@ -287,6 +332,9 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     history_size: int = 10000
+    candle_intervals: tuple[str, ...] = ("1s", "1m", "5m")
+    candle_backfill: int = 100
+    candle_channel_prefix: str = "channel:candle:"
     compression: bool = True
     log_level: str = "INFO"
     redis: RedisTarget = dataclasses.field(default_factory=RedisTarget)
@@ -297,6 +345,7 @@ class Config:
             raise ConfigError("WS_TLS_CERT and WS_TLS_KEY must be set together")
         if self.jwt_secret and self.jwt_public_key:
             raise ConfigError("set WS_JWT_SECRET or WS_JWT_PUBLIC_KEY, not both")
+        check_prefixes(self.channel_prefix, self.candle_channel_prefix)
 
     def __repr__(self) -> str:  # never print the secret
         return f"Config(host={self.host!r}, port={self.port}, redis={self.redis.describe()!r}, ...)"
