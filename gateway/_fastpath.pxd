@@ -47,6 +47,9 @@ cdef class ClientListener(WSListener):
 cdef class SymbolTable:
     cdef:
         readonly bytes prefix
+        # Candle streams ("AAPL@1m") live on <candle_prefix><interval>:<SYMBOL>;
+        # b"" when there are none. Neither prefix may start with the other.
+        readonly bytes candle_prefix
         dict channels                    # channel bytes -> list[ClientListener]
         # Sequenced channels: channel -> [epoch bytes, last seq routed]; the
         # fan-out keeps it, and it goes with the channel's last subscriber.
@@ -54,6 +57,7 @@ cdef class SymbolTable:
         readonly Py_ssize_t subscription_count
 
     cpdef bytes channel_for(self, str symbol)
+    cpdef str symbol_for(self, bytes channel)
     cpdef bint subscribe(self, ClientListener conn, str symbol) except -1
     cpdef bint unsubscribe(self, ClientListener conn, str symbol) except -1
     cpdef int remove_connection(self, ClientListener conn) except -1
@@ -81,6 +85,7 @@ cdef class FanOut:
         readonly uint64_t compressed_messages
         readonly uint64_t sequenced_messages
         readonly uint64_t duplicate_messages   # sequenced trades at or below the channel's position
+        readonly uint64_t candle_messages      # messages on candle channels with subscribers
         # Channels whose messages are held (payloads, in order) while a gap
         # in the gateway's own stream is filled from the history.
         dict holds
@@ -90,6 +95,7 @@ cdef class FanOut:
         int64_t latency_sum_ns
 
     cdef int route(self, object channel, object payload, const char* ts, Py_ssize_t tslen) except -1
+    cdef int _route_candle(self, object channel, list subs, object payload) except -1
     cdef int flush(self) except -1
     cdef void observe(self, int64_t elapsed_ns) noexcept
     cdef bytes _deflate_frame(self, Py_ssize_t size)

@@ -56,6 +56,8 @@ cdef bytes _EPOCH_END = _protocol.EPOCH_END
 cdef bytes _PUB_SEQ = _protocol.PUBLISHED_SEQ
 cdef bytes _PUB_EPOCH = _protocol.PUBLISHED_EPOCH
 cdef Py_ssize_t _MAX_EPOCH = _protocol.MAX_EPOCH_LEN
+cdef bytes _CANDLE_N = _protocol.CANDLE_N
+cdef Py_ssize_t _MAX_CANDLE_N = _protocol.MAX_CANDLE_N_DIGITS
 cdef Py_ssize_t _HEAD_LEN = len(_HEAD)
 cdef Py_ssize_t _MID_LEN = len(_MID)
 cdef Py_ssize_t _TAIL_LEN = len(_TAIL)
@@ -471,6 +473,34 @@ cpdef object split_published(bytes payload):
     return sq.seq, payload[sq.epoch_off:sq.epoch_off + sq.epoch_len], data
 
 
+cdef Py_ssize_t _split_candle(const char* p, Py_ssize_t n, int64_t* out) noexcept:
+    # The index of the ',' that ends {"_n":<1-18 digits, no leading zero>, at
+    # the head of a candle payload (its n in *out), or -1 when it has no such head.
+    cdef Py_ssize_t k = PyBytes_GET_SIZE(_CANDLE_N), i
+    cdef int64_t v = 0
+    if n < k + 2 or memcmp(p, PyBytes_AS_STRING(_CANDLE_N), k) != 0 or p[k] == b'0':
+        return -1
+    i = k
+    while i < n and b'0' <= p[i] <= b'9' and i - k < _MAX_CANDLE_N:
+        v = v * 10 + (p[i] - 48)
+        i += 1
+    if i == k or i >= n or p[i] != b',':
+        return -1
+    out[0] = v
+    return i
+
+
+cpdef object split_candle(bytes payload):
+    """(n, client message) of a payload on a candle channel: ``{"_n":<n>,`` cut
+    off; (0, payload) when it does not start that way."""
+    cdef int64_t v = 0
+    cdef const char* p = PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t i = _split_candle(p, PyBytes_GET_SIZE(payload), &v)
+    if i < 0:
+        return 0, payload
+    return v, b"{" + payload[i + 1:]
+
+
 cpdef bytes encode_trade_frame(bytes payload, long long timestamp_ms):
     """The complete WebSocket frame that carries ``payload`` as a trade."""
     cdef char ts[24]
@@ -699,17 +729,37 @@ cdef class SymbolTable:
     """symbol -> subscribed clients, keyed by the full channel name.
 
     Keying by channel bytes lets the fan-out look up the channel object
-    hiredis already made, with no slicing or decoding per message.
+    hiredis already made, with no slicing or decoding per message. A trade
+    symbol "AAPL" is keyed <prefix>AAPL, a candle stream "AAPL@1m"
+    <candle_prefix>1m:AAPL (the channel the candle service publishes on).
     """
 
-    def __init__(self, bytes prefix=b"channel:trade:"):
+    def __init__(self, bytes prefix=b"channel:trade:", bytes candle_prefix not None=b"channel:candle:"):
         self.prefix = prefix
+        self.candle_prefix = candle_prefix
         self.channels = {}
         self.positions = {}
         self.subscription_count = 0
 
     cpdef bytes channel_for(self, str symbol):
-        return self.prefix + symbol.encode("utf-8")
+        """The Redis channel of ``symbol``, or of candle stream "SYMBOL@interval"."""
+        cdef Py_ssize_t i = symbol.find("@")
+        if i < 0:
+            return self.prefix + symbol.encode("utf-8")
+        return b"".join((self.candle_prefix, symbol[i + 1:].encode("utf-8"), b":",
+                         symbol[:i].encode("utf-8")))
+
+    cpdef str symbol_for(self, bytes channel):
+        """The inverse of channel_for: "AAPL", or "AAPL@1m" for a candle channel.
+        ValueError for a channel under neither prefix."""
+        cdef bytes cp = self.candle_prefix
+        if cp and channel.startswith(cp):
+            interval, sep, symbol = channel[len(cp):].partition(b":")
+            if sep:
+                return (symbol + b"@" + interval).decode("utf-8", "replace")
+        if channel.startswith(self.prefix):
+            return channel[len(self.prefix):].decode("utf-8", "replace")
+        raise ValueError(f"not a channel of this table: {channel!r}")
 
     cpdef bint subscribe(self, ClientListener conn, str symbol) except -1:
         """Add ``symbol`` for ``conn``; False if it was already there."""
@@ -757,9 +807,8 @@ cdef class SymbolTable:
         return None if found == NULL else <list>found
 
     def symbols(self):
-        """Every symbol with at least one subscriber, sorted."""
-        k = len(self.prefix)
-        return sorted(key[k:].decode() for key in self.channels)
+        """Every symbol and candle stream ("AAPL@1m") with at least one subscriber, sorted."""
+        return sorted([self.symbol_for(key) for key in self.channels])
 
     @property
     def symbol_count(self):
@@ -858,6 +907,7 @@ cdef class FanOut:
     cdef int route(self, object channel, object payload, const char* ts, Py_ssize_t tslen) except -1:
         cdef PyObject* found
         cdef list subs, pos
+        cdef bytes cp
         cdef ClientListener conn
         cdef Py_ssize_t j, nsubs, plen, size, fsize, held = 0, skipped = 0
         cdef const char* fptr
@@ -879,6 +929,12 @@ cdef class FanOut:
             self.unrouted_messages += 1
             return 0
         subs = <list>found
+        # A candle channel: the one test the trade path pays for candles.
+        cp = self.table.candle_prefix
+        size = PyBytes_GET_SIZE(cp)
+        if (size and type(channel) is bytes and PyBytes_GET_SIZE(channel) > size
+                and memcmp(PyBytes_AS_STRING(channel), PyBytes_AS_STRING(cp), size) == 0):
+            return self._route_candle(channel, subs, payload)
         nsubs = PyList_GET_SIZE(subs)
         p = PyBytes_AS_STRING(payload)
         plen = PyBytes_GET_SIZE(payload)
@@ -940,6 +996,62 @@ cdef class FanOut:
                     conn.hold(channel, seq, fptr, fsize)
                 else:
                     conn.conflate(channel, fptr, fsize, seq)
+                held += 1
+                continue
+            conn.append_frame(fptr, fsize)
+            if not conn.in_batch:
+                conn.in_batch = True
+                self.touched.append(conn)
+        self.frames_sent += nsubs - held - skipped
+        self.conflated_messages += held
+        self.bytes_sent += <uint64_t>((nsubs - held - skipped) * size)
+        return 0
+
+    cdef int _route_candle(self, object channel, list subs, object payload) except -1:
+        # The candle service built the client message: it goes out verbatim
+        # once {"_n":<n>, is cut off (the '{' kept), with no envelope and no
+        # position. n orders it against a backfill (holds, floors with an
+        # empty epoch); a conflating client keeps the latest candle message
+        # with seq 0, so its notice is a plain gap.
+        cdef const char* p = PyBytes_AS_STRING(payload)
+        cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload), blen, h, size, fsize, j
+        cdef Py_ssize_t nsubs = PyList_GET_SIZE(subs), held = 0, skipped = 0
+        cdef int64_t n = 0
+        cdef Py_ssize_t comma = _split_candle(p, plen, &n)
+        cdef const char* fptr
+        cdef ClientListener conn
+        self.candle_messages += 1
+        blen = plen if comma < 0 else plen - comma
+        h = _header_size(blen)
+        size = h + blen
+        if size > self.scratch_cap:
+            self._grow_scratch(size)
+        _write_header(<uint8_t*>self.scratch, blen)
+        if comma < 0:
+            memcpy(self.scratch + h, p, plen)
+        else:
+            self.scratch[h] = b'{'
+            memcpy(self.scratch + h + 1, p + comma + 1, plen - comma - 1)
+        zframe = None
+        for j in range(nsubs):
+            conn = <ClientListener>PyList_GET_ITEM(subs, j)
+            if conn.floors is not None and conn.below_floor(channel, p, 0, n):
+                skipped += 1
+                continue
+            if conn.deflate:
+                if zframe is None:
+                    zframe = self._deflate_frame(size)
+                fptr = PyBytes_AS_STRING(zframe)
+                fsize = PyBytes_GET_SIZE(zframe)
+            else:
+                fptr = self.scratch
+                fsize = size
+            if conn.holding:
+                conn.hold(channel, n, fptr, fsize)
+                held += 1
+                continue
+            if conn.conflating:
+                conn.conflate(channel, fptr, fsize, 0)
                 held += 1
                 continue
             conn.append_frame(fptr, fsize)

@@ -80,6 +80,12 @@ def split_published(payload: bytes) -> tuple[int, bytes, bytes] | None:
     return _protocol.split_published(payload)
 
 
+def split_candle(payload: bytes) -> tuple[int, bytes]:
+    """(n, client message) of a payload on a candle channel: ``{"_n":<n>,`` cut
+    off; (0, payload) when it does not start that way."""
+    return _protocol.split_candle(payload)
+
+
 def encode_trade_frame(payload: bytes, timestamp_ms: int) -> bytes:
     """The complete WebSocket frame that carries ``payload`` as a trade."""
     return encode_text_frame(_trade_body(payload, str(timestamp_ms).encode()))
@@ -237,21 +243,41 @@ class ClientListener(WSListener):
 
 
 class SymbolTable:
-    """symbol -> subscribed clients, keyed by the full channel name."""
+    """symbol -> subscribed clients, keyed by the full channel name; see
+    gateway._fastpath.SymbolTable."""
 
-    __slots__ = ("_prefix", "_channels", "_positions", "_subscription_count")
+    __slots__ = ("_prefix", "_candle_prefix", "_channels", "_positions", "_subscription_count")
 
     prefix = property(attrgetter("_prefix"))
+    candle_prefix = property(attrgetter("_candle_prefix"))
     subscription_count = property(attrgetter("_subscription_count"))
 
-    def __init__(self, prefix: bytes = b"channel:trade:"):
+    def __init__(self, prefix: bytes = b"channel:trade:", candle_prefix: bytes = b"channel:candle:"):
         self._prefix = prefix
+        self._candle_prefix = candle_prefix
         self._channels: dict[bytes, list[ClientListener]] = {}
         self._positions: dict[bytes, list] = {}     # see the compiled SymbolTable
         self._subscription_count = 0
 
     def channel_for(self, symbol: str) -> bytes:
-        return self._prefix + symbol.encode("utf-8")
+        """The Redis channel of ``symbol``, or of candle stream "SYMBOL@interval"."""
+        i = symbol.find("@")
+        if i < 0:
+            return self._prefix + symbol.encode("utf-8")
+        return b"".join((self._candle_prefix, symbol[i + 1:].encode("utf-8"), b":",
+                         symbol[:i].encode("utf-8")))
+
+    def symbol_for(self, channel: bytes) -> str:
+        """The inverse of channel_for: "AAPL", or "AAPL@1m" for a candle channel.
+        ValueError for a channel under neither prefix."""
+        cp = self._candle_prefix
+        if cp and channel.startswith(cp):
+            interval, sep, symbol = channel[len(cp):].partition(b":")
+            if sep:
+                return (symbol + b"@" + interval).decode("utf-8", "replace")
+        if channel.startswith(self._prefix):
+            return channel[len(self._prefix):].decode("utf-8", "replace")
+        raise ValueError(f"not a channel of this table: {channel!r}")
 
     def subscribe(self, conn: ClientListener, symbol: str) -> bool:
         """Add ``symbol`` for ``conn``; False if it was already there."""
@@ -289,9 +315,8 @@ class SymbolTable:
         return self._channels.get(channel)
 
     def symbols(self) -> list[str]:
-        """Every symbol with at least one subscriber, sorted."""
-        k = len(self._prefix)
-        return sorted(key[k:].decode() for key in self._channels)
+        """Every symbol and candle stream ("AAPL@1m") with at least one subscriber, sorted."""
+        return sorted(self.symbol_for(key) for key in self._channels)
 
     @property
     def symbol_count(self) -> int:
@@ -313,7 +338,8 @@ class FanOut:
                  "_latency_counts", "_latency_sum_ns", "_redis_messages", "_frames_sent",
                  "_bytes_sent", "_writes", "_dropped_payloads", "_unrouted_messages", "_batches",
                  "_dispatch_errors", "_conflated_messages", "_compressed_messages",
-                 "_sequenced_messages", "_duplicate_messages", "_holds", "gap_callback")
+                 "_sequenced_messages", "_duplicate_messages", "_candle_messages", "_holds",
+                 "gap_callback")
 
     # Read-only from outside, as in the compiled module.
     table = property(attrgetter("_table"))
@@ -329,6 +355,7 @@ class FanOut:
     compressed_messages = property(attrgetter("_compressed_messages"))
     sequenced_messages = property(attrgetter("_sequenced_messages"))
     duplicate_messages = property(attrgetter("_duplicate_messages"))
+    candle_messages = property(attrgetter("_candle_messages"))
 
     def __init__(self, table: SymbolTable, max_buffered: int = 1 << 20,
                  slow_consumer_callback: Callable[[ClientListener], Any] | None = None):
@@ -341,7 +368,7 @@ class FanOut:
         self._redis_messages = self._frames_sent = self._bytes_sent = self._writes = 0
         self._dropped_payloads = self._unrouted_messages = self._batches = 0
         self._dispatch_errors = self._conflated_messages = self._compressed_messages = 0
-        self._sequenced_messages = self._duplicate_messages = 0
+        self._sequenced_messages = self._duplicate_messages = self._candle_messages = 0
         self._holds: dict[bytes, list[bytes]] = {}
         self.gap_callback: Callable[[bytes, str, int, int], Any] | None = None
 
@@ -399,6 +426,10 @@ class FanOut:
         if subs is None:
             self._unrouted_messages += 1
             return
+        cp = self._table._candle_prefix
+        if cp and channel.startswith(cp):
+            self._route_candle(channel, payload, subs)
+            return
         sequenced = split_published(payload)
         seq = 0
         epoch = b""
@@ -440,6 +471,41 @@ class FanOut:
                     conn._held.append((channel, seq, f))
                 else:
                     conn._conflate(channel, f, seq)
+                held += 1
+                continue
+            conn._out += f
+            if not conn._in_batch:
+                conn._in_batch = True
+                self._touched.append(conn)
+        self._frames_sent += len(subs) - held - skipped
+        self._conflated_messages += held
+        self._bytes_sent += (len(subs) - held - skipped) * len(frame)
+
+    def _route_candle(self, channel: bytes, payload: bytes, subs: list[ClientListener]) -> None:
+        # The candle service built the client message: it goes out verbatim
+        # once "_n" is cut off, with no envelope and no position. Its n
+        # orders it against a backfill (holds, floors); a conflating client
+        # keeps the latest candle message with seq 0 (a plain gap notice).
+        self._candle_messages += 1
+        n, body = split_candle(payload)
+        frame = encode_text_frame(body)
+        zframe = None
+        held = skipped = 0
+        for conn in subs:
+            if conn._floors is not None and conn._below_floor(channel, b"", n):
+                skipped += 1
+                continue
+            f = frame
+            if conn.deflate:
+                if zframe is None:
+                    zframe = self._deflate_frame(body)
+                f = zframe
+            if conn.holding:
+                conn._held.append((channel, n, f))
+                held += 1
+                continue
+            if conn.conflating:
+                conn._conflate(channel, f, 0)
                 held += 1
                 continue
             conn._out += f

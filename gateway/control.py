@@ -4,7 +4,8 @@
 message and returns the reply bytes; it never raises on client input. It
 needs no socket: ``conn`` is any ClientListener (compiled or twin), the
 symbol table does the bookkeeping, and gateway.protocol parses the request
-and spells the reply.
+and spells the reply. A candle stream ("AAPL@1m", one of ``intervals``) is
+subscribed like a symbol and counts against the same limit.
 """
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ from . import protocol
 from .protocol import ClientError, Position
 
 # What a subscribe asks to be put in front of the live stream, per newly
-# subscribed symbol: trades after a Position, or the latest one (None).
+# subscribed symbol: trades after a Position, or the latest one (None); for
+# every newly subscribed candle stream ("AAPL@1m", None): its backfill.
 Resume = list[tuple[str, Position | None]]
 
 
 class ControlHandler:
     """Answers control messages and keeps the symbol table in step."""
 
-    def __init__(self, table, clock: Callable[[], int] = protocol.now_ms):
+    def __init__(self, table, clock: Callable[[], int] = protocol.now_ms,
+                 intervals: tuple[str, ...] = ()):
         self.table = table
         self.clock = clock
+        self.intervals = intervals      # candle intervals clients may name (Config.candle_intervals)
         self.errors: dict[str, int] = {}
 
     def handle(self, conn, data: bytes, is_text: bool = True, max_symbols: int = 5) -> bytes:
@@ -32,10 +36,12 @@ class ControlHandler:
     def process(self, conn, data: bytes, is_text: bool = True, max_symbols: int = 5
                 ) -> tuple[bytes, Resume]:
         """The reply, and for a subscribe what to replay before the live stream
-        of each newly subscribed symbol (symbols already held replay nothing)."""
+        of each newly subscribed symbol (symbols already held replay nothing):
+        trades for ``since`` and ``snapshot``, and every new candle stream's
+        backfill."""
         ts = self.clock()
         try:
-            request = protocol.parse_request(data, is_text)
+            request = protocol.parse_request(data, is_text, self.intervals)
             if request.action == "ping":
                 return protocol.pong(ts), []
             if request.action == "subscribe":
@@ -44,7 +50,9 @@ class ControlHandler:
                 since = dict(request.since)
                 resume: Resume = [(s, since[s]) for s in new if s in since]
                 if request.snapshot:
-                    resume += [(s, None) for s in new if s not in since]
+                    resume += [(s, None) for s in new
+                               if s not in since and not protocol.is_candle_stream(s)]
+                resume += [(s, None) for s in new if protocol.is_candle_stream(s)]
                 return reply, resume
             return self._unsubscribe(conn, request.symbols, ts), []
         except ClientError as exc:

@@ -5,7 +5,9 @@ error is built here, and so are the JSON bodies of the plain HTTP answers
 (refusals, health). The fast path's trade envelope is written out of the
 byte constants below (``TRADE_HEAD``, ``TRADE_MID``, ``TRADE_TAIL``), so the
 compiled module, its twin and anything else that frames trades agree on one
-spelling. Nothing here touches a socket: bytes or dicts in, bytes or dicts out.
+spelling. Candle streams (``SYMBOL@interval``) are named and their
+published form is cut apart here too (``CANDLE_N``, ``split_candle``).
+Nothing here touches a socket: bytes or dicts in, bytes or dicts out.
 """
 from __future__ import annotations
 
@@ -84,6 +86,56 @@ def split_published(payload: bytes) -> tuple[int, bytes, bytes] | None:
     return None
 
 
+# --- candles -------------------------------------------------------------------
+# A candle message reaches clients exactly as the candle service built it:
+# {"type":"candle","data":{"symbol":..,"interval":..,"start":..,...,"state":..},"timestamp":..}.
+# On Redis it travels on <candle prefix><interval>:<SYMBOL> as CANDLE_N + n + ','
+# + the client message without its leading '{', n being the stream's message
+# counter (1-18 digits, no leading zero). The gateway cuts CANDLE_N + n + ','
+# off (keeping the '{') and forwards the rest byte for byte; a payload on a
+# candle channel without that head is forwarded whole, with n = 0.
+CANDLE_N = b'{"_n":'
+MAX_CANDLE_N_DIGITS = 18
+STREAM_SEP = "@"
+
+
+def candle_published_form(body: bytes, n: int) -> bytes:
+    """What the candle service puts on the channel for client message ``body`` (a JSON
+    object that is not empty) as message ``n`` of its stream."""
+    return CANDLE_N + str(n).encode() + b"," + body[1:]
+
+
+def split_candle(payload: bytes) -> tuple[int, bytes]:
+    """(n, client message) of a payload on a candle channel; (0, payload) when it
+    does not start with CANDLE_N + digits + ','. The reference the fast paths are
+    tested against."""
+    if not payload.startswith(CANDLE_N):
+        return 0, payload
+    i = j = len(CANDLE_N)
+    while j < len(payload) and 0x30 <= payload[j] <= 0x39:
+        j += 1
+    digits = payload[i:j]
+    if (not 1 <= len(digits) <= MAX_CANDLE_N_DIGITS or digits[0] == 0x30
+            or payload[j:j + 1] != b","):
+        return 0, payload
+    return int(digits), b"{" + payload[j + 1:]
+
+
+def stream_name(symbol: str, interval: str) -> str:
+    """The client's name of a candle stream: "AAPL@1m"."""
+    return f"{symbol}{STREAM_SEP}{interval}"
+
+
+def split_stream(name: str) -> tuple[str, str | None]:
+    """(symbol, interval) of a subscription name; interval None for a trade symbol."""
+    symbol, sep, interval = name.partition(STREAM_SEP)
+    return (symbol, interval) if sep else (name, None)
+
+
+def is_candle_stream(name: str) -> bool:
+    return STREAM_SEP in name
+
+
 # --- client requests -------------------------------------------------------
 SYMBOL_RE = re.compile(r"[A-Za-z0-9.\-]{1,16}")
 SYMBOL_RULE = "1-16 characters of A-Z, 0-9, '.', '-'"
@@ -108,16 +160,20 @@ class Position:
 @dataclass(frozen=True, slots=True)
 class Request:
     """One parsed client request. ``symbols`` is upper-cased, de-duplicated,
-    in the client's order, and empty for ``ping``. ``since`` (symbol ->
-    Position) and ``snapshot`` are the optional members of ``subscribe``."""
+    in the client's order, and empty for ``ping``; a candle stream is there
+    as "SYMBOL@interval" (symbol upper-cased, interval as configured).
+    ``since`` (symbol -> Position) and ``snapshot`` are the optional members
+    of ``subscribe``."""
     action: str
     symbols: tuple[str, ...] = ()
     since: tuple[tuple[str, Position], ...] = ()
     snapshot: bool = False
 
 
-def parse_request(data: bytes, is_text: bool = True) -> Request:
-    """Parse one client message; raises ClientError with the reply text."""
+def parse_request(data: bytes, is_text: bool = True, intervals: tuple[str, ...] = ()) -> Request:
+    """Parse one client message; raises ClientError with the reply text.
+    ``intervals`` are the candle intervals clients may name as
+    "SYMBOL@interval" (Config.candle_intervals; empty: candles are off)."""
     if not is_text:
         raise ClientError("Binary messages are not supported: send JSON text", "binary_frame")
     try:
@@ -135,7 +191,7 @@ def parse_request(data: bytes, is_text: bool = True) -> Request:
             "unknown_action")
     if action == "ping":
         return Request("ping")
-    symbols = _symbols(msg, action)
+    symbols = _symbols(msg, action, intervals)
     if action != "subscribe":
         return Request(action, symbols)
     return Request(action, symbols, _since(msg, symbols), _snapshot(msg))
@@ -152,6 +208,9 @@ def _since(msg: dict, symbols: tuple[str, ...]) -> tuple[tuple[str, Position], .
         raise ClientError(f'Invalid "since": expected an object like {SINCE_FORM}', "invalid_since")
     out: list[tuple[str, Position]] = []
     for key, value in raw.items():
+        if STREAM_SEP in key:
+            raise ClientError(f'Invalid "since": {_show(key)} is a candle stream; "since" applies '
+                              'to trade symbols only', "invalid_since")
         symbol = key.upper() if SYMBOL_RE.fullmatch(key) else None
         if symbol is None or symbol not in symbols:
             raise ClientError(f'Invalid "since": {_show(key)} is not a symbol of this request',
@@ -185,7 +244,7 @@ def request(action: str, symbols: list[str] | tuple[str, ...] = ()) -> bytes:
     return encode({"action": action, "symbols": list(symbols)})
 
 
-def _symbols(msg: dict, action: str) -> tuple[str, ...]:
+def _symbols(msg: dict, action: str, intervals: tuple[str, ...]) -> tuple[str, ...]:
     if "symbols" not in msg:
         raise ClientError(f'Invalid message: "symbols" is required for {action}', "invalid_symbols")
     raw = msg["symbols"]
@@ -198,15 +257,33 @@ def _symbols(msg: dict, action: str) -> tuple[str, ...]:
             raise ClientError(
                 f'Invalid message: "symbols" must be an array of strings, found {_show(item)}',
                 "invalid_symbols")
+        if STREAM_SEP in item:
+            symbol = _candle_stream(item, intervals)
         # ASCII only, so upper-casing cannot turn a foreign letter into A-Z.
-        if not SYMBOL_RE.fullmatch(item):
+        elif not SYMBOL_RE.fullmatch(item):
             raise ClientError(f"Invalid symbol {_show(item)}: must be {SYMBOL_RULE}",
                               "invalid_symbols")
-        # Interned: thousands of connections share one string per symbol.
-        symbol = sys.intern(item.upper())
+        else:
+            # Interned: thousands of connections share one string per symbol.
+            symbol = sys.intern(item.upper())
         if symbol not in out:
             out.append(symbol)
     return tuple(out)
+
+
+def _candle_stream(item: str, intervals: tuple[str, ...]) -> str:
+    """"aapl@1m" -> "AAPL@1m" (interned), or ClientError naming what is wrong."""
+    symbol, _, interval = item.partition(STREAM_SEP)
+    if not intervals:
+        raise ClientError(f"Invalid symbol {_show(item)}: candle streams are not enabled on this "
+                          "server", "invalid_symbols")
+    if not SYMBOL_RE.fullmatch(symbol):
+        raise ClientError(f"Invalid symbol {_show(symbol)} in {_show(item)}: must be {SYMBOL_RULE}",
+                          "invalid_symbols")
+    if interval not in intervals:
+        raise ClientError(f"Invalid candle interval {_show(interval)} in {_show(item)}: must be "
+                          f"one of {', '.join(intervals)}", "invalid_symbols")
+    return sys.intern(stream_name(symbol.upper(), interval))
 
 
 def _show(value: Any) -> str:
@@ -279,8 +356,9 @@ def rate_limited(rate: float, burst: int, timestamp: int) -> bytes:
 
 def gap(symbol: str, skipped: int, timestamp: int, *, epoch: str | None = None,
         from_seq: int = 0, to_seq: int = 0) -> bytes:
-    """Sent to a conflating client before the latest trade it was held back on;
-    ``from``/``to`` name the skipped seqs when the trades were sequenced."""
+    """Sent to a conflating client before the latest trade (or candle: ``symbol``
+    is then "AAPL@1m") it was held back on; ``from``/``to`` name the skipped
+    seqs when the trades were sequenced."""
     data: dict[str, Any] = {"symbol": symbol, "skipped": skipped}
     if from_seq:
         data.update(epoch=epoch, **{"from": from_seq, "to": to_seq}, reason="slow_consumer")
@@ -297,6 +375,13 @@ def history_gap(symbol: str, epoch: str | None, from_seq: int, to_seq: int, reas
     """Trades ``from_seq``..``to_seq`` of ``epoch`` cannot be delivered."""
     return encode({"type": "gap", "data": {"symbol": symbol, "epoch": epoch, "from": from_seq,
                                            "to": to_seq, "reason": reason},
+                   "timestamp": timestamp})
+
+
+def backfill_unavailable(stream: str, timestamp: int) -> bytes:
+    """The candles of ``stream`` before the live ones could not be read (Redis
+    down or refusing): the client gets the live stream only."""
+    return encode({"type": "gap", "data": {"symbol": stream, "reason": GAP_UNAVAILABLE},
                    "timestamp": timestamp})
 
 

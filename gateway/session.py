@@ -151,14 +151,16 @@ class Session:
         self.awaiting_pong = False
 
     def on_drained(self, listener) -> None:
-        """A conflating client drained: send what it missed, then resume."""
+        """A conflating client drained: per stream, a gap notice naming it and
+        what it skipped, then the latest message; then it resumes."""
         listener.conflating = False
-        prefix = self.hub.table.prefix
+        table = self.hub.table
         fanout = self.hub.fanout
         ts = protocol.now_ms()
         for channel, frame, skipped, first, last in listener.take_conflated():
             position = fanout.position(channel) if first else None
-            listener.send_text(protocol.gap(channel[len(prefix):].decode(), skipped, ts,
+            # "AAPL", or "AAPL@1m" for a candle stream (always a plain notice)
+            listener.send_text(protocol.gap(table.symbol_for(channel), skipped, ts,
                                             epoch=position[0] if position else None,
                                             from_seq=first, to_seq=last))
             listener.send_frame(frame)

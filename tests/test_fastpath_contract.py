@@ -111,7 +111,7 @@ def test_same_parameters(cls_name):
 
 
 @pytest.mark.parametrize("name", ["is_json_object", "parse_symbol", "encode_trade_frame",
-                                  "encode_text_frame"])
+                                  "encode_text_frame", "split_published", "split_candle"])
 def test_same_function_parameters(name):
     assert [n for n, _ in _params(getattr(C, name))] == [n for n, _ in _params(getattr(P, name))]
 

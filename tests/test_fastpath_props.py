@@ -238,7 +238,7 @@ def test_encode_trade_frame_agrees(payload, ts):
 # (d) SymbolTable against a model
 # ---------------------------------------------------------------------------
 
-TABLE_SYMBOLS = ["BTC", "ETH", "SOL", "btc", "日本", "A.B-1"]
+TABLE_SYMBOLS = ["BTC", "ETH", "SOL", "btc", "日本", "A.B-1", "BTC@1m", "BTC@5m", "ETH@1m"]
 table_ops = st.lists(st.tuples(st.sampled_from(["sub", "sub", "unsub", "remove"]), st.integers(0, 3),
                                st.sampled_from(TABLE_SYMBOLS)), max_size=60)
 
@@ -547,3 +547,36 @@ def test_sequenced_split_survives_damage(doc, seq, epoch, at, junk):
     published = protocol.published_form(doc, seq, epoch)
     damaged = published[:at] + junk + published[at + len(junk):]
     assert C.split_published(damaged) == P.split_published(damaged) == protocol.split_published(damaged)
+
+
+candle_ns = st.integers(1, 10**18 - 1)
+
+
+@needs_compiled
+@props(300)
+@given(object_docs.filter(lambda d: d != b"{}"), candle_ns, st.integers(0, 30),
+       st.binary(min_size=1, max_size=3))
+def test_candle_split_and_route_agree(doc, n, at, junk):
+    """What the candle service publishes comes apart to (n, the client
+    message) in the reference and both fast paths, also when its head is
+    damaged; the fan-out forwards exactly that client message."""
+    published = protocol.candle_published_form(doc, n)
+    assert C.split_candle(published) == P.split_candle(published) == protocol.split_candle(published) \
+        == (n, doc)
+    damaged = published[:at] + junk + published[at + len(junk):]
+    assert C.split_candle(damaged) == P.split_candle(damaged) == protocol.split_candle(damaged)
+    for payload in (published, damaged):
+        sent = []
+        for m in (C, P):
+            table = m.SymbolTable()
+            conn = m.ClientListener()
+            out: list[bytes] = []
+            conn.sink = out.append
+            table.subscribe(conn, "X@1m")
+            m.FanOut(table).dispatch([[b"pmessage", b"p", b"channel:candle:1m:X", payload]])
+            sent.append(b"".join(out))
+        assert sent[0] == sent[1]
+        if P.is_json_object(payload):
+            assert parse_text_frames(sent[0]) == [protocol.split_candle(payload)[1]]
+        else:
+            assert sent[0] == b""
