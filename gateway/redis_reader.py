@@ -1,4 +1,5 @@
-"""The Redis side: one connection, one PSUBSCRIBE, reconnect forever.
+"""The Redis side: one connection, one PSUBSCRIBE (of one or more patterns),
+reconnect forever.
 
 A plain asyncio Protocol writes AUTH/SELECT/PSUBSCRIBE and hands every byte
 it receives to its own SubscriptionReader (gateway._fastpath), which parses
@@ -90,21 +91,31 @@ class _SubscriptionProtocol(asyncio.BufferedProtocol):
 
 
 class RedisSubscriber:
-    """Keeps ``PSUBSCRIBE <prefix>*`` alive and feeds the fan-out.
+    """Keeps ``PSUBSCRIBE <pattern> ...`` alive and feeds the fan-out.
+
+    ``patterns`` is one pattern or a tuple of them (trades' ``<prefix>*`` and,
+    with candle streams on, ``<candle prefix>*``), subscribed in one command.
 
     ``make_reader(reply_callback)`` returns a new reader for each connection
     (``SubscriptionReader(fanout, reply_callback)``): it takes the bytes,
     routes trades and hands every other reply back to this subscriber.
-    ``ready`` is True only while the subscription is confirmed. ``reason``
-    says why not, for /readyz and the logs.
+    ``ready`` is True only while every pattern's subscription is confirmed
+    on the current connection. ``reason`` says why not, for /readyz and the
+    logs.
     """
 
-    def __init__(self, target: RedisTarget, pattern: str, make_reader: Callable[[Callable], Any], *,
+    def __init__(self, target: RedisTarget, patterns: str | tuple[str, ...],
+                 make_reader: Callable[[Callable], Any], *,
                  keepalive_interval: float = 15.0, connect_timeout: float = 5.0,
                  backoff: Backoff | None = None,
                  on_state: Callable[[bool, str], None] | None = None):
         self.target = target
-        self.pattern = pattern
+        # In order, once each: Redis confirms a pattern named twice twice.
+        self.patterns: tuple[str, ...] = tuple(dict.fromkeys(
+            (patterns,) if isinstance(patterns, str) else patterns))
+        if not self.patterns:
+            raise ValueError("RedisSubscriber needs at least one pattern")
+        self._confirmed: set[bytes] = set()     # patterns Redis confirmed on this connection
         self.make_reader = make_reader
         self.keepalive_interval = keepalive_interval
         self.connect_timeout = connect_timeout
@@ -205,7 +216,8 @@ class RedisSubscriber:
             cmds.append(encode_command("AUTH", *user, t.password))
         if t.db:
             cmds.append(encode_command("SELECT", str(t.db)))
-        cmds.append(encode_command("PSUBSCRIBE", self.pattern))
+        self._confirmed = set()
+        cmds.append(encode_command("PSUBSCRIBE", *self.patterns))
         proto.transport.write(b"".join(cmds))
         if not self.reason.startswith("Redis error"):
             # After a refusal, keep saying why until an attempt succeeds:
@@ -232,13 +244,20 @@ class RedisSubscriber:
         if isinstance(reply, list) and reply:
             kind = reply[0]
             if kind == b"psubscribe":
+                # One confirmation per pattern; ready once all are in.
+                if len(reply) > 1 and isinstance(reply[1], bytes):
+                    self._confirmed.add(reply[1])
+                if self.ready or not self._confirmed.issuperset(p.encode() for p in self.patterns):
+                    return
                 self.backoff.reset()
                 self.subscribed_at = time.time()
-                log.info("subscribed to %s on %s", self.pattern, self.target.describe())
+                log.info("subscribed to %s on %s", " ".join(self.patterns), self.target.describe())
                 self._set_state(True, "subscribed")
             elif kind == b"pong":
                 pass
             elif kind == b"punsubscribe":
+                if len(reply) > 1 and isinstance(reply[1], bytes):
+                    self._confirmed.discard(reply[1])
                 self._set_state(False, "unsubscribed")
             else:
                 log.debug("unexpected reply from Redis: %r", reply[:2])

@@ -121,3 +121,72 @@ def test_a_new_connection_gets_a_new_reader(impl):
     assert proto2.reader is not proto.reader and proto2.reader.fanout is fanout
     proto2.reader.feed(whole)
     assert fanout.redis_messages == 1
+
+
+CANDLES = "channel:candle:*"
+
+
+def test_several_patterns_in_one_psubscribe_ready_when_all_confirmed(impl):
+    table = impl.SymbolTable()
+    fanout = impl.FanOut(table)
+    states: list[tuple[bool, str]] = []
+    sub = RedisSubscriber(parse_redis_url("redis://:pw@h:1"), (PATTERN, CANDLES, PATTERN),
+                          lambda on_reply: impl.SubscriptionReader(fanout, on_reply),
+                          on_state=lambda r, why: states.append((r, why)))
+    assert sub.patterns == (PATTERN, CANDLES)            # each once, in order
+    proto = Proto(sub.make_reader(sub._on_reply))
+    sub._on_connected(proto)
+    assert proto.transport.written == [encode_command("AUTH", "pw")
+                                       + encode_command("PSUBSCRIBE", PATTERN, CANDLES)]
+    proto.reader.feed(b"+OK\r\n" + resp_array(b"psubscribe", PATTERN.encode(), 1))
+    assert not sub.ready and states == []
+    proto.reader.feed(resp_array(b"psubscribe", CANDLES.encode(), 2))
+    assert sub.ready and states == [(True, "subscribed")]
+    proto.reader.feed(resp_array(b"punsubscribe", CANDLES.encode(), 1))
+    assert not sub.ready and states[-1] == (False, "unsubscribed")
+    # A new connection starts over: one confirmation is not enough.
+    proto2 = Proto(sub.make_reader(sub._on_reply))
+    sub._on_connected(proto2)
+    proto2.reader.feed(resp_array(b"psubscribe", CANDLES.encode(), 1))
+    assert not sub.ready
+    proto2.reader.feed(resp_array(b"psubscribe", PATTERN.encode(), 2))
+    assert sub.ready
+    with pytest.raises(ValueError):
+        RedisSubscriber(parse_redis_url("redis://h:1"), (), lambda on_reply: None)
+
+
+def test_two_patterns_against_a_real_redis(aio, impl, redis_server):
+    """Both patterns confirmed by a real Redis; each channel's messages reach
+    its subscribers once (trades framed, candles forwarded verbatim)."""
+    import asyncio
+
+    from conftest import wait_until
+
+    from gateway._testbase.ws import FrameParser
+
+    async def main():
+        table = impl.SymbolTable()
+        fanout = impl.FanOut(table)
+        conn = impl.ClientListener()
+        out: list[bytes] = []
+        conn.sink = out.append
+        table.subscribe(conn, "RRTWO")
+        table.subscribe(conn, "RRTWO@1m")
+        sub = RedisSubscriber(parse_redis_url(redis_server.url), (PATTERN, CANDLES),
+                              lambda on_reply: impl.SubscriptionReader(fanout, on_reply))
+        sub.start()
+        try:
+            await wait_until(lambda: sub.ready)
+            r = redis_server.client()
+            assert r.publish("channel:trade:RRTWO", b'{"p":1}') == 1
+            assert r.publish("channel:candle:1m:RRTWO", b'{"_n":3,"type":"candle"}') == 1
+            assert r.publish("channel:candle:5m:RRTWO", b'{"_n":1,"type":"candle"}') == 1
+            await wait_until(lambda: fanout.redis_messages == 3)
+            await asyncio.sleep(0.05)
+        finally:
+            await sub.stop()
+        parser = FrameParser()
+        got = [f.payload for w in out for f in parser.feed(w)]
+        assert len(got) == 2 and got[0].startswith(b'{"type":"trade","data":{"p":1},')
+        assert got[1] == b'{"type":"candle"}' and fanout.unrouted_messages == 1
+    aio(main())
