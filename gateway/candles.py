@@ -80,9 +80,9 @@ def parse_trade(payload: bytes | dict) -> Trade | None:
             return None
         if type(obj) is not dict:
             return None
-    price = obj.get("price")
-    volume = obj.get("volume")
-    ts = obj.get("timestamp")
+    price: Any = obj.get("price")
+    volume: Any = obj.get("volume")
+    ts: Any = obj.get("timestamp")
     if type(price) not in (int, float) or not math.isfinite(price):
         return None
     if type(volume) not in (int, float) or not math.isfinite(volume) or volume < 0:
@@ -196,7 +196,7 @@ class Stream:
         self.length = length
         self.candles: dict[int, Candle] = {}
         self.next_final: int | None = None   # the oldest interval not final yet
-        self.series_start: int | None = None  # the first interval of the series
+        self.series_start: int | None = None  # the oldest interval kept (finals are contiguous from it)
         self.last_close: float | None = None  # of the newest final candle
         self.dirty: set[int] = set()
 
@@ -211,14 +211,15 @@ class Settings:
 class CandleBook:
     """Every stream's candles; see the module docstring."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, counters: Counters | None = None):
         self.settings = settings
         self.streams: dict[str, list[Stream]] = {}
         self.watermarks: dict[str, tuple[str, int]] = {}     # symbol -> (epoch, last seq applied)
         self.changed_watermarks: set[str] = set()
-        self.counters = Counters()
+        self.counters = counters or Counters()
         self._arrival = 0
         self.late_log: list[tuple[str, int, int]] = []       # (symbol, ts, now) of recent too-late trades
+        self.forgotten: list[tuple[str, str, int]] = []      # (symbol, interval, start) dropped since taken
 
     def _streams(self, symbol: str) -> list[Stream]:
         streams = self.streams.get(symbol)
@@ -281,6 +282,8 @@ class CandleBook:
                     # finals carrying this candle's close (_cascade below).
                     for t in range(start + length, s.series_start, length):
                         if t + length + grace > now:
+                            # Not ended: _finalise makes it (and what follows) when due.
+                            s.next_final = min(s.next_final, t)
                             break
                         gap = s.candles[t] = Candle(t)
                         gap.final = True
@@ -336,8 +339,10 @@ class CandleBook:
             prev = s.candles.get(s.next_final - length)
             for t in range(s.next_final, oldest - length, length):
                 c = s.candles.pop(t, None)
-                if c is not None and c.trades:
-                    prev = c
+                if c is not None:
+                    self.forgotten.append((s.symbol, s.interval, t))
+                    if c.trades:
+                        prev = c
                 s.dirty.discard(t)
             if prev is not None:
                 s.last_close = prev.close
@@ -382,12 +387,22 @@ class CandleBook:
 
     def _prune(self, s: Stream, now: int) -> None:
         # Candles past the late window can change no more: forget them, but
-        # keep the newest final one (its close carries forward).
-        limit = now - self.settings.late_window_ms
-        if s.next_final is None:
+        # keep the newest final one (its close carries forward). The finals
+        # are contiguous from series_start, so this walks up from the oldest.
+        if s.next_final is None or s.series_start is None:
             return
-        for start in [t for t in s.candles if t + s.length < limit and t + s.length < s.next_final]:
-            s.candles.pop(start)
+        limit = now - self.settings.late_window_ms
+        t = s.series_start
+        while t + s.length < limit and t + s.length < s.next_final:
+            if s.candles.pop(t, None) is not None:
+                self.forgotten.append((s.symbol, s.interval, t))
+            t += s.length
+        s.series_start = t
+
+    def take_forgotten(self) -> list[tuple[str, str, int]]:
+        """Candles dropped from memory since the last call (their stored state can go)."""
+        out, self.forgotten = self.forgotten, []
+        return out
 
     # --- hand-over --------------------------------------------------------------
     def restore(self, symbol: str, watermark: tuple[str, int] | None,

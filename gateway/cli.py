@@ -10,24 +10,25 @@ import os
 import sys
 from typing import NoReturn
 
-from .config import SETTINGS, Config, ConfigError
+from .config import SETTINGS, Config, ConfigError, Setting
 
 EXIT_CONFIG = 2
 
 
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # argparse would print usage too
-        print(f"ws-gateway: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: tuple[Setting, ...] = SETTINGS, prog: str = "ws-gateway",
+                 description: str = "Stream trades from Redis pub/sub (PSUBSCRIBE <prefix>*) "
+                                    "to WebSocket clients.") -> argparse.ArgumentParser:
     parser = _OneLineParser(
-        prog="ws-gateway",
-        description="Stream trades from Redis pub/sub (PSUBSCRIBE <prefix>*) to WebSocket clients.",
+        prog=prog, description=description,
         epilog="Each flag overrides its environment variable; both override the default.",
     )
-    for s in SETTINGS:
+    for s in settings:
         parser.add_argument(s.flag, dest=s.field, metavar=s.env, default=None,
                             help=f"{s.help} [env {s.env}, default {s.default}]")
     return parser

@@ -221,6 +221,21 @@ def _on_off(name: str, text: str) -> bool:
     raise ConfigError(f"{name} must be on or off, got {text!r}")
 
 
+def _values(settings: tuple[Setting, ...], env: Mapping[str, str],
+            overrides: Mapping[str, str | None] | None) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    overrides = overrides or {}
+    for s in settings:
+        given = overrides.get(s.field)
+        if given is not None:
+            values[s.field] = s.convert(s.flag, given)
+        elif s.env in env:
+            values[s.field] = s.convert(s.env, env[s.env])
+        else:
+            values[s.field] = s.convert(s.env, s.default)
+    return values
+
+
 @dataclass(frozen=True)
 class Setting:
     field: str
@@ -366,21 +381,75 @@ class Config:
     def from_sources(cls, env: Mapping[str, str], overrides: Mapping[str, str | None] | None = None
                      ) -> Config:
         """Build from environment variables, with CLI values (text) taking precedence."""
-        values: dict[str, Any] = {}
-        overrides = overrides or {}
-        for s in SETTINGS:
-            given = overrides.get(s.field)
-            if given is not None:
-                values[s.field] = s.convert(s.flag, given)
-            elif s.env in env:
-                values[s.field] = s.convert(s.env, env[s.env])
-            else:
-                values[s.field] = s.convert(s.env, s.default)
-        return cls(**values)
+        return cls(**_values(SETTINGS, env, overrides))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
         return cls.from_sources(env)
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelName(self.log_level)
+
+
+# --- the candle service (ws-gateway-candles) ----------------------------------
+def _shared(field: str, **changes: Any) -> Setting:
+    base = next(s for s in SETTINGS if s.field == field)
+    return dataclasses.replace(base, **changes)
+
+
+CANDLE_SETTINGS: tuple[Setting, ...] = (
+    _shared("host", help="address of the candle service's /healthz, /readyz and /metrics"),
+    _shared("port", default="8081", help="port of the candle service's /healthz, /readyz and /metrics "
+                                         "(0 picks a free one)"),
+    _shared("redis_url", help="Redis to read trades from and publish candles to: "
+                              "redis://[[user]:password@]host[:port][/db], rediss://..., unix:///path"),
+    _shared("channel_prefix", help="Redis channel prefix of trades; the service subscribes to PREFIX*"),
+    _shared("candle_channel_prefix"),
+    _shared("candle_intervals", help="candle intervals to compute (1s to 1d, each dividing a day)"),
+    _shared("candle_backfill", help="final candles kept per stream for gateways' backfill (at least; "
+                                    "a stream keeps its whole late window too)"),
+    Setting("update_ms", "WS_CANDLE_UPDATE_MS", "--update-ms", "250", _int(10, 60_000),
+            "milliseconds between update messages of an open candle (sent only when it changed)"),
+    Setting("grace", "WS_CANDLE_GRACE", "--grace", "2", _float(0.0),
+            "seconds after an interval ends before its final candle, for trades that arrive late"),
+    Setting("late_window", "WS_CANDLE_LATE_WINDOW", "--late-window", "900", _float(0.0),
+            "seconds after an interval ends during which a late trade corrects its final candle"),
+    Setting("lease", "WS_CANDLE_LEASE", "--lease", "5", _float(0.5),
+            "seconds within which a standby takes over when the leading candle service dies"),
+    _shared("log_level"),
+)
+
+
+@dataclass(frozen=True)
+class CandleConfig:
+    host: str = "0.0.0.0"
+    port: int = 8081
+    redis_url: str = "redis://127.0.0.1:6379"
+    channel_prefix: str = "channel:trade:"
+    candle_channel_prefix: str = "channel:candle:"
+    candle_intervals: tuple[str, ...] = ("1s", "1m", "5m")
+    candle_backfill: int = 100
+    update_ms: int = 250
+    grace: float = 2.0
+    late_window: float = 900.0
+    lease: float = 5.0
+    log_level: str = "INFO"
+    redis: RedisTarget = dataclasses.field(default_factory=RedisTarget)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "redis", parse_redis_url(self.redis_url))
+        check_prefixes(self.channel_prefix, self.candle_channel_prefix)
+        if not self.candle_intervals:
+            raise ConfigError("WS_CANDLE_INTERVALS must name at least one interval for the candle service")
+
+    def __repr__(self) -> str:
+        return f"CandleConfig(port={self.port}, redis={self.redis.describe()!r}, ...)"
+
+    @classmethod
+    def from_sources(cls, env: Mapping[str, str], overrides: Mapping[str, str | None] | None = None
+                     ) -> CandleConfig:
+        return cls(**_values(CANDLE_SETTINGS, env, overrides))
 
     @property
     def log_level_number(self) -> int:

@@ -300,3 +300,21 @@ class GatewayProcess:
                  if TRACEBACK in line or line.startswith(("ERROR", "CRITICAL"))
                  or " ERROR " in line or " CRITICAL " in line]
         return lines[:limit]
+
+
+class CandleProcess(GatewayProcess):
+    """``ws-gateway-candles`` (python -m gateway.candle_service) on a free
+    port for its /healthz, /readyz and /metrics; the same life as GatewayProcess."""
+
+    def __init__(self, redis_url: str, **kwargs):
+        kwargs.setdefault("argv", [sys.executable, "-m", "gateway.candle_service"])
+        super().__init__(redis_url, **kwargs)
+
+    def role(self) -> str | None:
+        """leader, standby, taking over; None when it does not answer."""
+        import json
+        got = try_http_get(self.port, "/healthz", timeout=1.0)
+        return json.loads(got[1])["role"] if got is not None and got[0] == 200 else None
+
+    def wait_role(self, role: str, timeout: float = 20) -> None:
+        self._wait(lambda: self.role() == role, timeout, role)
