@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up and runs the gateway with a local Redis and a demo feed.
-# Ctrl-C stops all three. WS_PORT (8080) and DEMO_REDIS_PORT (6390) can be set.
+# Ctrl-C stops them all. WS_PORT (8080), DEMO_CANDLES_PORT (8081) and
+# DEMO_REDIS_PORT (6390) can be set.
 source "$(dirname "$0")/bootstrap.sh"
 need_redis
 need_venv "[test]"   # [test] brings the websockets CLI client used below
@@ -12,8 +13,11 @@ mkdir -p "$RUN"
 pids=()
 cleanup() {
     trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    # Newest first: the gateway and the candle service finish while Redis is still there.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        kill "${pids[i]}" 2>/dev/null || true
+        wait "${pids[i]}" 2>/dev/null || true
+    done
     echo "demo stopped"
 }
 trap cleanup EXIT INT TERM
@@ -32,10 +36,15 @@ echo "==> starting the demo feed (10 symbols, 20 trades/s)"
 "$VENV/bin/ws-gateway-feed" --redis-url "$REDIS_URL" --rate 20 2>"$RUN/feed.log" &
 pids+=($!)
 
+CANDLES_PORT="${DEMO_CANDLES_PORT:-8081}"
+echo "==> starting the candle service (1s, 1m, 5m candles; health on 127.0.0.1:$CANDLES_PORT)"
+WS_HOST=127.0.0.1 WS_PORT="$CANDLES_PORT" "$VENV/bin/ws-gateway-candles" 2>"$RUN/candles.log" &
+pids+=($!)
+
 echo "==> starting the gateway"
 echo
 echo "    connect to   ws://127.0.0.1:$WS_PORT"
-echo "    then send    {\"action\": \"subscribe\", \"symbols\": [\"AAPL\", \"MSFT\"]}"
+echo "    then send    {\"action\": \"subscribe\", \"symbols\": [\"AAPL\", \"MSFT\", \"AAPL@1m\"]}"
 echo "    e.g.         $VENV/bin/python -m websockets ws://127.0.0.1:$WS_PORT"
 echo
 WS_HOST="${WS_HOST:-127.0.0.1}" WS_PORT="$WS_PORT" WS_STATS_INTERVAL="${WS_STATS_INTERVAL:-30}" \
