@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import secrets
 import signal
@@ -82,11 +81,10 @@ class CandleService:
         self.book: CandleBook | None = None
         self.lease: str | None = None
         self.role = "standby"
-        # Finals kept per stream: the backfill, and the whole late window
-        # (a correction rewrites its final there).
-        self.keep = {name: max(config.candle_backfill,
-                               math.ceil(config.late_window * 1000 / length) + 2)
-                     for name, length in self.settings.intervals}
+        # Finals kept per stream for the gateways' backfill (a correction of
+        # an older one is added and trimmed at once; the candles' states,
+        # kept for the whole late window, are what corrections start from).
+        self.keep = {name: max(1, config.candle_backfill) for name, _ in self.settings.intervals}
         self.lease_ms = round(config.lease * 1000)
         self.ttl_ms = max(100, round(self.lease_ms * 0.8))
         self.poll = config.lease / 10

@@ -407,8 +407,7 @@ CANDLE_SETTINGS: tuple[Setting, ...] = (
     _shared("channel_prefix", help="Redis channel prefix of trades; the service subscribes to PREFIX*"),
     _shared("candle_channel_prefix"),
     _shared("candle_intervals", help="candle intervals to compute (1s to 1d, each dividing a day)"),
-    _shared("candle_backfill", help="final candles kept per stream for gateways' backfill (at least; "
-                                    "a stream keeps its whole late window too)"),
+    _shared("candle_backfill", help="final candles kept per stream for the gateways' backfill"),
     Setting("update_ms", "WS_CANDLE_UPDATE_MS", "--update-ms", "250", _int(10, 60_000),
             "milliseconds between update messages of an open candle (sent only when it changed)"),
     Setting("grace", "WS_CANDLE_GRACE", "--grace", "2", _float(0.0),

@@ -6,7 +6,6 @@ the trades the test itself published.
 """
 from __future__ import annotations
 
-import random
 import threading
 import time
 from decimal import Decimal
@@ -16,7 +15,8 @@ import pytest
 import redis
 
 from gateway import candle_store, sequencing
-from gateway._testbase.candles import Sim, as_tuple, reference
+from gateway._testbase.candles import TradePublisher as Publisher
+from gateway._testbase.candles import as_tuple, reference
 from gateway._testbase.net import parse_metrics, try_http_get
 from gateway._testbase.process import CandleProcess
 from gateway._testbase.redis import RedisServer
@@ -68,38 +68,6 @@ class Recorder:
             n, rest = payload[6:].split(b",", 1)
             out.append((channel, int(n), orjson.loads(b"{" + rest)))
         return out
-
-
-class Publisher(threading.Thread):
-    """Sequenced trades through publish_trade at about ``rate``/s: most on
-    time, some out of order within the grace, some late (corrections)."""
-
-    def __init__(self, port: int, symbols: tuple[str, ...], rate: float, seconds: float, seed: int):
-        super().__init__(daemon=True)
-        self.client = redis.Redis(port=port)
-        self.symbols, self.rate, self.seconds = symbols, rate, seconds
-        self.rng = random.Random(seed)
-        self.trades: list[Sim] = []
-
-    def run(self):
-        price = {s: 100.0 for s in self.symbols}
-        end = time.time() + self.seconds
-        nxt = time.time()
-        while time.time() < end:
-            nxt += self.rng.expovariate(self.rate)
-            time.sleep(max(0.0, nxt - time.time()))
-            s = self.rng.choice(self.symbols)
-            price[s] = round(max(1.0, price[s] + self.rng.gauss(0, 0.05)), 2)
-            now = int(time.time() * 1000)
-            r = self.rng.random()
-            delay = (self.rng.randint(0, 150) if r < 0.9 else self.rng.randint(150, 450) if r < 0.96
-                     else self.rng.randint(1500, 6000))
-            ts = now - delay
-            volume = self.rng.choice((1, 10, 100, 500))
-            seq = sequencing.publish_trade(self.client, s, {"symbol": s, "price": price[s],
-                                                            "volume": volume, "timestamp": ts})
-            self.trades.append(Sim(s, ts, now, price[s], volume, seq=int(seq)))
-        self.client.close()
 
 
 def final_view(decoded) -> dict[tuple[str, str], dict[int, dict]]:

@@ -7,8 +7,15 @@ previous close), so the two agree only if both are right.
 """
 from __future__ import annotations
 
+import random
+import threading
+import time
 from dataclasses import dataclass
 from decimal import Decimal
+
+import redis
+
+from .. import sequencing
 
 
 @dataclass
@@ -52,3 +59,35 @@ def as_tuple(d: dict) -> tuple:
     v = d["volume"]
     return (d["open"], d["high"], d["low"], d["close"], v if type(v) is int else Decimal(repr(v)),
             d["trades"])
+
+
+class TradePublisher(threading.Thread):
+    """Sequenced trades through publish_trade at about ``rate``/s: most on
+    time, some out of order within the grace, some late (corrections)."""
+
+    def __init__(self, port: int, symbols: tuple[str, ...], rate: float, seconds: float, seed: int):
+        super().__init__(daemon=True)
+        self.client = redis.Redis(port=port)
+        self.symbols, self.rate, self.seconds = symbols, rate, seconds
+        self.rng = random.Random(seed)
+        self.trades: list[Sim] = []
+
+    def run(self):
+        price = {s: 100.0 for s in self.symbols}
+        end = time.time() + self.seconds
+        nxt = time.time()
+        while time.time() < end:
+            nxt += self.rng.expovariate(self.rate)
+            time.sleep(max(0.0, nxt - time.time()))
+            s = self.rng.choice(self.symbols)
+            price[s] = round(max(1.0, price[s] + self.rng.gauss(0, 0.05)), 2)
+            now = int(time.time() * 1000)
+            r = self.rng.random()
+            delay = (self.rng.randint(0, 150) if r < 0.9 else self.rng.randint(150, 450) if r < 0.96
+                     else self.rng.randint(1500, 6000))
+            ts = now - delay
+            volume = self.rng.choice((1, 10, 100, 500))
+            seq = sequencing.publish_trade(self.client, s, {"symbol": s, "price": price[s],
+                                                            "volume": volume, "timestamp": ts})
+            self.trades.append(Sim(s, ts, now, price[s], volume, seq=int(seq)))
+        self.client.close()
