@@ -357,6 +357,9 @@ class CandleService:
                 value = await asyncio.wait_for(candle_store.aacquire_lease(
                     self.client, self.holder, self.ttl_ms, self.lease), self.poll * 4)
             except Exception as exc:
+                if "function not found" in str(exc).lower():
+                    # A Redis restarted without persistence has lost the library.
+                    await self._load_library()
                 if self.lease is not None and time.monotonic() - self.last_lease_ok > self.ttl_ms / 1000:
                     await self._step_down(f"cannot renew the lease ({exc})")
                 elif self.lease is None:
@@ -372,6 +375,13 @@ class CandleService:
                     self.lease = value
                     self._spawn(self._take_over())
             await asyncio.sleep(self.poll)
+
+    async def _load_library(self) -> None:
+        try:
+            await candle_store.aload_library(self.client)
+            log.info("Redis Function library %s loaded again", candle_store.LIBRARY_NAME)
+        except Exception as exc:
+            log.warning("cannot load the %s library (%s)", candle_store.LIBRARY_NAME, exc)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

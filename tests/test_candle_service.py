@@ -79,7 +79,7 @@ def final_view(decoded) -> dict[tuple[str, str], dict[int, dict]]:
     return out
 
 
-def check(trades, decoded, symbols):
+def check(trades, decoded, symbols, intervals=INTERVALS):
     views = final_view(decoded)
     finals: dict[tuple, int] = {}
     for _, _, msg in decoded:
@@ -89,7 +89,7 @@ def check(trades, decoded, symbols):
             finals[key] = finals.get(key, 0) + 1
     assert set(finals.values()) == {1}, "a final went out twice"
     for symbol in symbols:
-        for name, length in INTERVALS:
+        for name, length in intervals:
             got = views[(symbol, name)]
             last = max(got)
             ref = reference(trades, symbol, length, last + length)
@@ -118,21 +118,25 @@ def wait_for(predicate, timeout: float, what: str):
 def test_the_service_publishes_candles_equal_to_the_reference(rds):
     server, client = rds
     rec = Recorder(server.port)
-    with CandleProcess(server.url, **FAST) as svc:
+    quick = (("1s", 1000), ("2s", 2000))
+    with CandleProcess(server.url, **dict(FAST, WS_CANDLE_INTERVALS="1s,2s")) as svc:
         svc.wait_role("leader")
-        pub = Publisher(server.port, ("AAPL", "MSFT"), rate=150, seconds=3, seed=1)
+        client.publish("channel:trade:AAPL", b'{"price":"1","volume":1,"timestamp":1}')   # not numeric
+        client.publish("channel:trade:AAPL", b"not json")
+        pub = Publisher(server.port, ("AAPL", "MSFT"), rate=150, seconds=2, seed=1)
         pub.start()
         pub.join()
-        time.sleep(10 + 0.5 + 0.6)        # every interval the trades touched has ended, plus grace
+        time.sleep(2 + 0.5 + 0.6)        # every interval the trades touched has ended, plus grace
         status, body = try_http_get(svc.port, "/metrics")
         m = parse_metrics(body.decode())
         assert svc.stop() == 0 and not svc.tracebacks(), svc.log_tail()
     rec.close()
-    check(pub.trades, rec.decoded(), ("AAPL", "MSFT"))
+    check(pub.trades, rec.decoded(), ("AAPL", "MSFT"), quick)
     assert m["candles_trades_applied_total"] == len(pub.trades)
+    assert m["candles_trades_invalid_total"] == 2
     assert m["candles_leader"] == 1 and m["candles_finals_total"] > 0
-    bf = candle_store.parse_backfill(client.fcall_ro("candle_backfill", 0, "AAPL", "1s", 5))
-    assert len(bf.finals) == 5 and all(b'"state":"final"' in b for b in bf.finals)
+    bf = candle_store.parse_backfill(client.fcall_ro("candle_backfill", 0, "AAPL", "1s", 2))
+    assert len(bf.finals) == 2 and all(b'"state":"final"' in b for b in bf.finals)
 
 
 @pytest.mark.slow
@@ -188,3 +192,28 @@ def test_bad_configuration_is_one_line_and_exit_2():
                            capture_output=True, text=True, timeout=30)
         assert p.returncode == 2, (args, p.stderr)
         assert p.stderr.count("\n") == 1 and p.stderr.startswith("ws-gateway-candles: error: "), p.stderr
+
+
+@pytest.mark.slow
+def test_the_service_survives_a_redis_restart(rds):
+    """Redis dies and comes back empty: the leader stands down, takes the
+    lease again and carries on publishing; nothing crashes."""
+    server, client = rds
+    with CandleProcess(server.url, **dict(FAST, WS_CANDLE_INTERVALS="1s")) as svc:
+        svc.wait_role("leader")
+        server.kill()
+        wait_for(lambda: svc.role() == "standby", 5, "standing by")
+        server.start()
+        wait_for(lambda: svc.role() == "leader", 10, "leading again")
+        client2 = redis.Redis(port=server.port)
+        sequencing.load_library(client2)
+        rec = Recorder(server.port)
+        pub = Publisher(server.port, ("AAPL",), rate=100, seconds=1.5, seed=3)
+        pub.start()
+        pub.join()
+        time.sleep(1 + 0.5 + 0.6)
+        rec.close()
+        client2.close()
+        assert svc.stop() == 0 and not svc.tracebacks(), svc.log_tail()
+        assert "standing by" in svc.log_text()
+    check(pub.trades, rec.decoded(), ("AAPL",), (("1s", 1000),))
