@@ -55,6 +55,8 @@ class GatewayCollector:
         yield counter("gateway_duplicate_messages",
                       "Sequenced trades dropped as already routed (history fill overlapping live)",
                       d.duplicate_messages)
+        yield counter("gateway_candle_messages", "Candle messages received for streams with subscribers",
+                      d.candle_messages)
         r = c.replayer
         if r is not None:
             yield counter("gateway_replays", "Client resumes and snapshots served", r.replays)
@@ -63,6 +65,12 @@ class GatewayCollector:
             yield counter("gateway_gap_fills", "Gaps in the gateway's own stream filled from the history",
                           r.fills)
             yield counter("gateway_history_errors", "History reads that failed", r.history_errors)
+            yield counter("gateway_candle_backfills", "Candle streams served a backfill on subscribe",
+                          r.backfills)
+            yield counter("gateway_candle_backfill_frames", "Candles sent to clients from backfills",
+                          r.backfill_frames)
+            yield counter("gateway_candle_backfill_errors", "Candle backfill reads that failed",
+                          r.backfill_errors)
         yield counter("gateway_redis_reconnects", "Times the Redis connection was lost and retried",
                       c.redis_reconnects)
         yield counter("gateway_rate_limit_closes", "Connections closed for exceeding the message rate",

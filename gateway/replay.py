@@ -18,6 +18,23 @@ the history, routes it, then routes what it held; positions drop duplicates.
 History reads for one symbol that are asked for in the same loop turn share
 one read, so a thousand clients resuming the same symbols cost a handful of
 Redis calls, not thousands.
+
+Candle streams ("AAPL@1m") join the live stream the same way. Every newly
+subscribed candle stream gets its backfill: the last ``backfill`` final
+candles, oldest first, then the open candle(s) as updates, oldest first
+(gateway.candle_store.read_backfill). The backfill comes with ``n``, the
+stream's message count when it was read; live candle messages carry their
+own n, so the held ones with n <= that are dropped at the release and a
+floor (channel, b"", n) skips later ones the backfill already covered. Reads
+of one stream asked for in the same loop turn are shared, and each candle is
+framed (and compressed) once per read. When the backfill cannot be read
+(Redis down or refusing, the library not loaded), the client gets
+``{"type":"gap","data":{"symbol":"AAPL@1m","reason":"unavailable"},...}`` in
+its place and goes on with the live stream.
+
+Several resumes of one client may run at once (a client that subscribes
+twice in quick succession): its live frames stay held until the last of them
+is done, and the replies go out in the order the subscribes came.
 """
 from __future__ import annotations
 
@@ -28,12 +45,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import protocol
+from .candle_store import Backfill
 from .control import Resume
 from .sequencing import HistoryRead
 
 log = logging.getLogger("gateway.replay")
 
 ReadHistory = Callable[[str, int, int], Awaitable[HistoryRead]]
+# (symbol, interval, count of finals) -> the stream's backfill
+ReadBackfill = Callable[[str, str, int], Awaitable[Backfill]]
 
 
 class SharedRead:
@@ -62,22 +82,65 @@ class SharedRead:
         return self._deflated
 
 
+class SharedBackfill:
+    """One backfill read of a candle stream, shared by every client it serves:
+    each candle is framed (and compressed) once per read."""
+
+    __slots__ = ("b", "_plain", "_deflated")
+
+    def __init__(self, b: Backfill):
+        self.b = b
+        self._plain: list[bytes] | None = None
+        self._deflated: list[bytes] | None = None
+
+    def frames(self, replayer: Replayer, deflate: bool) -> list[bytes]:
+        if self._plain is None:
+            encode = replayer.impl.encode_text_frame
+            self._plain = [encode(body) for body in (*self.b.finals, *self.b.open)]
+        if not deflate:
+            return self._plain
+        if self._deflated is None:
+            self._deflated = [replayer.deflate(f) for f in self._plain]
+        return self._deflated
+
+
+class _Resumption:
+    """What one client's resumes running at once have gathered: the frames
+    of each, in the order they were asked for, and the floors they set."""
+
+    __slots__ = ("running", "parts", "floors", "trades")
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.parts: list[list[bytes]] = []
+        self.floors: dict[bytes, int] = {}
+        self.trades = 0             # resumes among them that replay trades
+
+
 class Replayer:
     def __init__(self, impl, fanout, table, read_history: ReadHistory,
-                 deflate: Callable[[bytes], bytes], page: int = 1000, max_reads: int = 8):
+                 deflate: Callable[[bytes], bytes], page: int = 1000, max_reads: int = 8,
+                 read_backfill: ReadBackfill | None = None, backfill: int = 100):
         self.impl = impl
         self.fanout = fanout
         self.table = table
         self.read_history = read_history
+        self.read_backfill = read_backfill
+        self.backfill = backfill        # final candles before the open one(s)
         self.page = page                # trades per history read
         self.deflate = deflate
         self._pending: dict[tuple[str, bool], list[tuple[int, asyncio.Future[SharedRead]]]] = {}
-        self._reads = asyncio.Semaphore(max_reads)   # history reads in flight at once
+        self._pending_backfills: dict[str, list[asyncio.Future[SharedBackfill]]] = {}
+        self._reads = asyncio.Semaphore(max_reads)   # history and backfill reads in flight at once
         self._tasks: set[asyncio.Task] = set()
+        self._resuming: dict[Any, _Resumption] = {}  # listener -> its resumes in progress
         self.replays = 0            # client resumes and snapshots served
         self.replayed_frames = 0
         self.fills = 0              # gaps in the gateway's own stream filled
         self.history_errors = 0
+        self.backfills = 0          # candle streams served a backfill
+        self.backfill_frames = 0    # candles sent from backfills
+        self.backfill_errors = 0    # backfill reads that failed
 
     # --- shared reads ---------------------------------------------------------
     def _read(self, symbol: str, after: int) -> asyncio.Future[SharedRead]:
@@ -126,6 +189,37 @@ class Replayer:
             h = HistoryRead(h.epoch, h.first, more.last, more.entries)
         return HistoryRead(h.epoch, h.first, h.last, entries)
 
+    def _backfill(self, stream: str) -> asyncio.Future[SharedBackfill]:
+        """A backfill read of candle stream ``stream``, shared with the other
+        reads of it asked for in this loop turn (or while it waits for a slot)."""
+        fut: asyncio.Future[SharedBackfill] = asyncio.get_running_loop().create_future()
+        waiters = self._pending_backfills.get(stream)
+        if waiters is None:
+            self._pending_backfills[stream] = waiters = []
+            self._spawn(self._issue_backfill(stream))
+        waiters.append(fut)
+        return fut
+
+    async def _issue_backfill(self, stream: str) -> None:
+        async with self._reads:
+            # Every waiter subscribed before this pop, so before the read:
+            # whatever the read does not cover reaches each of them live.
+            waiters = self._pending_backfills.pop(stream)
+            symbol, interval = protocol.split_stream(stream)
+            try:
+                if self.read_backfill is None or interval is None:
+                    raise RuntimeError("candle backfill is not configured")
+                result = SharedBackfill(await self.read_backfill(symbol, interval, self.backfill))
+            except Exception as exc:
+                self.backfill_errors += 1
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(result)
+
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -136,23 +230,39 @@ class Replayer:
         """Put ``items`` in front of ``listener``'s live stream. Call right
         after the subscribe that added them, before the loop runs again."""
         listener.holding = True
-        self._spawn(self._resume(listener, items))
-
-    async def _resume(self, listener, items: Resume) -> None:
+        state = self._resuming.get(listener)
+        if state is None:
+            state = self._resuming[listener] = _Resumption()
+        state.running += 1
         parts: list[list[bytes]] = [[] for _ in items]
-        floors: dict[bytes, int] = {}
+        state.parts.extend(parts)
+        if any(not protocol.is_candle_stream(symbol) for symbol, _ in items):
+            state.trades += 1
+        self._spawn(self._resume(listener, items, parts, state))
+
+    async def _resume(self, listener, items: Resume, parts: list[list[bytes]],
+                      state: _Resumption) -> None:
         try:
             # Every symbol's history is read at once; frames go out in the
             # request's symbol order.
-            await asyncio.gather(*(self._plan(listener, symbol, since, part, floors)
+            await asyncio.gather(*(self._plan(listener, symbol, since, part, state.floors)
                                    for (symbol, since), part in zip(items, parts, strict=True)))
         except Exception:
             log.exception("replay failed; the client goes on live")
         finally:
-            self._release(listener, [frame for part in parts for frame in part], floors)
+            state.running -= 1
+            if state.running == 0:
+                # The last of this client's resumes: everything goes out now.
+                del self._resuming[listener]
+                self.replays += state.trades
+                self._release(listener, [frame for part in state.parts for frame in part],
+                              state.floors)
 
     async def _plan(self, listener, symbol: str, since: protocol.Position | None,
                     out: list[bytes], floors: dict[bytes, int]) -> None:
+        if protocol.is_candle_stream(symbol):
+            await self._plan_backfill(listener, symbol, out, floors)
+            return
         ts = protocol.now_ms()
         channel = self.table.channel_for(symbol)
         try:
@@ -205,6 +315,25 @@ class Replayer:
         floors[channel] = last
         self._floor(listener, channel, epoch, last)
 
+    async def _plan_backfill(self, listener, stream: str, out: list[bytes],
+                             floors: dict[bytes, int]) -> None:
+        channel = self.table.channel_for(stream)
+        try:
+            shared = await self._backfill(stream)
+        except Exception as exc:
+            log.warning("candles of %s unavailable (%s): live stream only", stream, exc)
+            out.append(self._text(listener, protocol.backfill_unavailable(stream, protocol.now_ms())))
+            return
+        frames = shared.frames(self, listener.deflate)
+        out.extend(frames)
+        self.backfills += 1
+        self.backfill_frames += len(frames)
+        n = shared.b.n
+        floors[channel] = n
+        if n > 0:
+            # Live candle messages carry no epoch: the floor's is empty.
+            listener.set_floor(channel, b"", n)
+
     def _floor(self, listener, channel: bytes, epoch: str, seq: int) -> None:
         if seq > 0:
             listener.set_floor(channel, epoch.encode(), seq)
@@ -220,7 +349,6 @@ class Replayer:
                 continue
             out.append(frame)
         listener.holding = False
-        self.replays += 1
         t = listener.transport
         if out and (t is not None or listener.sink is not None):
             listener.send_frame(b"".join(out))
@@ -244,7 +372,7 @@ class Replayer:
     async def _fill(self, channel: bytes, epoch: str, last: int, missing_to: int = 0) -> None:
         """Fill ``channel`` after ``last``; ``missing_to`` is the last seq known
         to be missing (0: not known, as after a reconnect)."""
-        symbol = channel[len(self.table.prefix):].decode()
+        symbol = self.table.symbol_for(channel)
         pattern = self.table.prefix + b"*"
         replies: list[Any] = []
         try:

@@ -5,7 +5,7 @@ The Gateway builds the pieces and connects them: a symbol table and a
 FanOut (the compiled hot path), a RedisSubscriber that feeds the fan-out,
 the access policy that admits upgrades, and one Session per connection
 (gateway.session) that owns the connection's control-plane state. Trades
-never pass through any of this Python.
+and candles never pass through any of this Python.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from picows import WSCloseCode, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
-from . import compression, fastpath, metrics, picows_adapter, protocol, sequencing
+from . import candle_store, compression, fastpath, metrics, picows_adapter, protocol, sequencing
 from .access import AccessPolicy, Refusal
 from .config import Config, RedisTarget
 from .control import ControlHandler
@@ -47,17 +47,22 @@ class Gateway:
         self.config = config
         self.impl = impl or fastpath.impl
         self.server_id = new_server_id()
-        self.table = self.impl.SymbolTable(config.channel_prefix.encode())
+        self.table = self.impl.SymbolTable(config.channel_prefix.encode(),
+                                           config.candle_channel_prefix.encode())
         self.fanout = self.impl.FanOut(self.table, max_buffered=config.max_buffered_bytes,
                                        slow_consumer_callback=on_slow_consumer)
         self.access = AccessPolicy(config)
         self.sessions: set[Session] = set()
         self.counters = Counters(self.fanout, self.table, self.sessions, self.access.refusals)
-        self.control = ControlHandler(self.table)
+        self.control = ControlHandler(self.table, intervals=config.candle_intervals)
         self.control.errors = self.counters.errors
         self.hub = Hub(SessionPolicy.from_config(config), self.server_id, self.table, self.fanout,
                        self.control, self.access, self.counters, self.sessions)
-        self.redis = RedisSubscriber(config.redis, config.channel_prefix + "*",
+        # Trades, and with candle streams on, candles: one PSUBSCRIBE.
+        patterns: tuple[str, ...] = (config.channel_prefix + "*",)
+        if config.candle_intervals:
+            patterns += (config.candle_channel_prefix + "*",)
+        self.redis = RedisSubscriber(config.redis, patterns,
                                      lambda on_reply: self.impl.SubscriptionReader(self.fanout, on_reply),
                                      on_state=self._on_redis_state)
         # A second connection for commands: history reads, loading the library.
@@ -65,7 +70,10 @@ class Gateway:
         self.replayer = Replayer(
             self.impl, self.fanout, self.table,
             lambda symbol, after, count: sequencing.read_history(self.history, symbol, after, count),
-            compression.deflate_frame)
+            compression.deflate_frame,
+            read_backfill=lambda symbol, interval, count: candle_store.read_backfill(
+                self.history, symbol, interval, count),
+            backfill=config.candle_backfill)
         self.fanout.gap_callback = self.replayer.on_gap
         self.hub.replayer = self.replayer
         self.counters.replayer = self.replayer
@@ -127,6 +135,13 @@ class Gateway:
         else:
             log.info("Redis Function library ws_gateway loaded (history of %d trades per symbol)",
                      c.history_size)
+        if c.candle_intervals:
+            # The candle service loads it too; whoever comes first serves the backfills.
+            try:
+                await asyncio.wait_for(candle_store.aload_library(self.history), 5.0)
+            except Exception as exc:
+                log.warning("could not load the %s Redis Function library (%s); candle backfills "
+                            "fail until the candle service loads it", candle_store.LIBRARY_NAME, exc)
 
     def _not_ready(self) -> str | None:
         if self.hub.closing:
@@ -150,10 +165,11 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._heartbeat(), name="heartbeat"))
         self._tasks.append(loop.create_task(self.stats.run(c.stats_interval), name="stats"))
-        log.info("%s listening on %s://%s:%d (fast path: %s), Redis %s, pattern %s*",
+        log.info("%s listening on %s://%s:%d (fast path: %s), Redis %s, patterns %s%s",
                  self.server_id, "wss" if c.tls_cert else "ws", c.host, self.port,
                  "compiled" if self.impl.IS_COMPILED else "pure Python",
-                 c.redis.describe(), c.channel_prefix)
+                 c.redis.describe(), " ".join(self.redis.patterns),
+                 f" (candles: {', '.join(c.candle_intervals)})" if c.candle_intervals else "")
 
     async def _heartbeat(self) -> None:
         # One timer for every connection, not a task each.

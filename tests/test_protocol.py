@@ -304,3 +304,126 @@ def test_connection_header_token_list_accepted(aio, impl, redis_server):
             assert head.startswith(b"HTTP/1.1 101")
             writer.close()
     aio(main())
+
+
+# ---------------------------------------------------------------------------
+# Candle streams: "SYMBOL@interval" entries
+# ---------------------------------------------------------------------------
+
+INTERVALS = ("1s", "1m", "5m")
+
+
+def parse(message, intervals=INTERVALS):
+    from gateway.protocol import parse_request
+    return parse_request(orjson.dumps(message), True, intervals)
+
+
+def parse_error(message, intervals=INTERVALS) -> str:
+    from gateway.protocol import ClientError
+    with pytest.raises(ClientError) as info:
+        parse(message, intervals)
+    assert info.value.kind in ("invalid_symbols", "invalid_since")
+    return str(info.value)
+
+
+def test_candle_entries_are_normalised_and_interned():
+    import sys
+    req = parse({"action": "subscribe", "symbols": ["AAPL", "aapl@1m", "AAPL@1m", "brk.b@5m", "X@1s"]})
+    assert req.symbols == ("AAPL", "AAPL@1m", "BRK.B@5m", "X@1s")
+    assert all(s is sys.intern(s) for s in req.symbols)
+    req = parse({"action": "unsubscribe", "symbols": ["aapl@1m", "MSFT"]})
+    assert req.action == "unsubscribe" and req.symbols == ("AAPL@1m", "MSFT")
+    # A symbol of 16 characters is still one with an interval after it.
+    assert parse({"action": "subscribe", "symbols": ["A" * 16 + "@5m"]}).symbols == ("A" * 16 + "@5m",)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("AAPL@2m", 'Invalid candle interval "2m" in "AAPL@2m": must be one of 1s, 1m, 5m'),
+    ("AAPL@1M", 'Invalid candle interval "1M" in "AAPL@1M": must be one of 1s, 1m, 5m'),
+    ("AAPL@", 'Invalid candle interval "" in "AAPL@": must be one of 1s, 1m, 5m'),
+    ("AAPL@1m@1m", 'Invalid candle interval "1m@1m" in "AAPL@1m@1m"'),
+    ("@1m", 'Invalid symbol "" in "@1m": must be 1-16 characters'),
+    ("AA PL@1m", 'Invalid symbol "AA PL" in "AA PL@1m"'),
+    ("ABCDEFGHIJKLMNOPQ@1m", 'Invalid symbol "ABCDEFGHIJKLMNOPQ" in "ABCDEFGHIJKLMNOPQ@1m"'),
+    ("stra\u00dfe@1m", "Invalid symbol"),
+])
+def test_bad_candle_entries_name_the_problem(entry, message):
+    for action in ("subscribe", "unsubscribe"):
+        assert message in parse_error({"action": action, "symbols": ["OK", entry]})
+
+
+def test_candle_entries_when_candles_are_off():
+    text = parse_error({"action": "subscribe", "symbols": ["AAPL@1m"]}, ())
+    assert text == 'Invalid symbol "AAPL@1m": candle streams are not enabled on this server'
+    # The default is off: callers that do not know about candles refuse them.
+    from gateway.protocol import ClientError, parse_request
+    with pytest.raises(ClientError, match="not enabled"):
+        parse_request(b'{"action":"subscribe","symbols":["AAPL@1m"]}')
+    assert parse({"action": "subscribe", "symbols": ["AAPL"]}, ()).symbols == ("AAPL",)
+
+
+def test_since_applies_to_trade_symbols_only():
+    text = parse_error({"action": "subscribe", "symbols": ["AAPL@1m"],
+                        "since": {"AAPL@1m": {"epoch": "e", "seq": 1}}})
+    assert "candle stream" in text and '"AAPL@1m"' in text
+    req = parse({"action": "subscribe", "symbols": ["AAPL", "AAPL@1m"],
+                 "since": {"aapl": {"epoch": "e", "seq": 1}}, "snapshot": True})
+    assert req.symbols == ("AAPL", "AAPL@1m") and req.since[0][0] == "AAPL" and req.snapshot
+
+
+def test_control_handler_counts_candle_streams_against_the_limit():
+    """Each entry is one subscription; the resume asks for every new candle
+    stream's backfill, and snapshot/since stay with trade symbols."""
+    from gateway import _fastpath_py as P
+    from gateway.control import ControlHandler
+    table = P.SymbolTable()
+    handler = ControlHandler(table, clock=lambda: 1, intervals=INTERVALS)
+    conn = P.ClientListener()
+
+    def process(msg, limit=3):
+        reply, resume = handler.process(conn, orjson.dumps(msg), True, limit)
+        return orjson.loads(reply), resume
+    reply, resume = process({"action": "subscribe", "symbols": ["aapl", "aapl@1m"], "snapshot": True})
+    assert reply["data"] == {"subscribed": ["AAPL", "AAPL@1m"], "currentSubscriptions": ["AAPL", "AAPL@1m"]}
+    assert resume == [("AAPL", None), ("AAPL@1m", None)]
+    assert table.subscribers("AAPL@1m") == [conn] and table.symbols() == ["AAPL", "AAPL@1m"]
+    assert table.lookup(b"channel:candle:1m:AAPL") == [conn]
+    reply, resume = process({"action": "subscribe", "symbols": ["AAPL@5m", "AAPL@1s"]})
+    assert reply["type"] == "error" and "maximum of 3 symbols" in reply["message"] and resume == []
+    reply, resume = process({"action": "subscribe", "symbols": ["AAPL@1m", "AAPL@5m"]})
+    assert reply["data"]["subscribed"] == ["AAPL@5m"] and resume == [("AAPL@5m", None)]
+    reply, resume = process({"action": "unsubscribe", "symbols": ["aapl@1m", "AAPL@1s"]})
+    assert reply["data"] == {"unsubscribed": ["AAPL@1m"], "currentSubscriptions": ["AAPL", "AAPL@5m"]}
+    assert table.lookup(b"channel:candle:1m:AAPL") is None
+    reply, _ = process({"action": "subscribe", "symbols": ["AAPL@2m"]})
+    assert reply["message"] == 'Invalid candle interval "2m" in "AAPL@2m": must be one of 1s, 1m, 5m'
+    assert handler.errors == {"symbol_limit": 1, "invalid_symbols": 1}
+
+
+def test_candle_subscriptions_over_a_socket(aio, impl, redis_server):
+    """Replies list candle entries normalised; bad intervals name the
+    configured ones; the limit counts every entry; unsubscribe works. (ZQP:
+    a symbol no candles are stored for, so no backfill comes between replies.)"""
+    async def main():
+        async with running_gateway(impl, redis_server.url, candle_intervals=("1m", "5m"),
+                                   max_symbols=3) as gw:
+            ws, _ = await connect(gw)
+            r = await ask(ws, {"action": "subscribe", "symbols": ["zqp", "zqp@1m"]})
+            assert r["data"] == {"subscribed": ["ZQP", "ZQP@1m"],
+                                 "currentSubscriptions": ["ZQP", "ZQP@1m"]}
+            r = await ask(ws, {"action": "subscribe", "symbols": ["ZQP@1s"]})
+            assert r == {"type": "error", "timestamp": r["timestamp"],
+                         "message": 'Invalid candle interval "1s" in "ZQP@1s": must be one of 1m, 5m'}
+            r = await ask(ws, {"action": "subscribe", "symbols": ["msft@5m", "MSFT"]})
+            assert "maximum of 3 symbols" in r["message"]
+            r = await ask(ws, {"action": "unsubscribe", "symbols": ["ZQP@1m", "ZQP@5m"]})
+            assert r["data"] == {"unsubscribed": ["ZQP@1m"], "currentSubscriptions": ["ZQP"]}
+            assert gw.table.symbols() == ["ZQP"]
+            await ws.close()
+        async with running_gateway(impl, redis_server.url, candle_intervals=()) as gw:
+            assert gw.redis.patterns == ("channel:trade:*",)
+            ws, _ = await connect(gw)
+            r = await ask(ws, {"action": "subscribe", "symbols": ["AAPL@1m"]})
+            assert r["type"] == "error" and "candle streams are not enabled" in r["message"]
+            await ws.close()
+    aio(main())
