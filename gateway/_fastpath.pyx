@@ -40,6 +40,18 @@ _log = logging.getLogger("gateway.fastpath")
 _Z_FULL_FLUSH = zlib.Z_FULL_FLUSH
 
 
+# Loops start on 32-byte boundaries. The validator's scanning loops are
+# most of the per-message cost, and with GCC's default alignment their speed
+# varied by a quarter with wherever unrelated code moved them (is_json_object
+# on a 200-byte trade: 187 ns or 239 ns with the same instructions).
+cdef extern from *:
+    """
+    #if defined(__GNUC__) && !defined(__clang__)
+    #pragma GCC optimize ("align-loops=32")
+    #endif
+    """
+
+
 cdef extern from "Python.h":
     double PyOS_string_to_double(const char* s, char** endptr, PyObject* overflow_exception) except? -1.0
 
