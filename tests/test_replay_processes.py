@@ -28,11 +28,14 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway._testbase.net import readyz, scrape_metrics
 from gateway._testbase.process import ONE_ADDRESS_ENV, GatewayProcess
+from gateway.config import Config
 from gateway.sequencing import LIBRARY_NAME, load_library, meta_key, publish_trade
 
 pytestmark = needs_redis_server
 
 RECV_TIMEOUT = 10.0
+# The gateway's pattern subscriptions: trades, and candles (on by default).
+PATTERNS = 2 if Config().candle_intervals else 1
 
 
 def fresh_symbols(n: int) -> list[str]:
@@ -320,7 +323,7 @@ def test_live_client_gets_the_new_epoch_from_seq_1_after_redis_restart(own_redis
         if own_redis.numpat() != 0:
             pytest.skip("the gateway resubscribed before the trades went out (timing)")
         new = epoch_of(r, sym)
-        wait_for(lambda: own_redis.numpat() == 1 and readyz(gw.port) == 200, 20, "resubscribed")
+        wait_for(lambda: own_redis.numpat() == PATTERNS and readyz(gw.port) == 200, 20, "resubscribed")
         time.sleep(0.5)              # its refill has run
         publish(r, sym, 2)
 
@@ -507,7 +510,7 @@ def test_gateway_refills_after_its_subscription_is_killed(own_redis, gateways):
         streams = Streams({s: (None, 0) for s in syms})
         killed_total = 0
         for round_ in range(5):
-            wait_for(lambda: own_redis.numpat() == 1 and readyz(gw.port) == 200, 15,
+            wait_for(lambda: own_redis.numpat() == PATTERNS and readyz(gw.port) == 200, 15,
                      f"subscribed again before round {round_}")
             reconnects = metric(gw, "gateway_redis_reconnects_total")
             result: dict[str, object] = {}
