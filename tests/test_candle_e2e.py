@@ -50,7 +50,14 @@ def check_series(data: list[dict], length: int) -> dict[int, dict]:
     """Finals once each, contiguous, in order; updates only for open
     intervals; corrections only after a final. Returns start -> last final view."""
     finals = [d["start"] for d in data if d["state"] == "final"]
-    assert finals == list(range(finals[0], finals[0] + length * len(finals), length)), finals
+    assert len(finals) == len(set(finals)), "a final came twice"
+    assert sorted(finals) == list(range(min(finals), min(finals) + length * len(finals), length)), finals
+    # In order, except that a late trade from before the series' first
+    # interval extends the series backwards: those finals come later.
+    newest = finals[0]
+    for start in finals[1:]:
+        assert start > newest or start < finals[0], finals
+        newest = max(newest, start)
     final_seen: set[int] = set()
     view: dict[int, dict] = {}
     for d in data:

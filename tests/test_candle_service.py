@@ -217,3 +217,22 @@ def test_the_service_survives_a_redis_restart(rds):
         assert svc.stop() == 0 and not svc.tracebacks(), svc.log_tail()
         assert "standing by" in svc.log_text()
     check(pub.trades, rec.decoded(), ("AAPL",), (("1s", 1000),))
+
+
+def test_publishing_is_chunked_by_whole_symbols_with_their_watermarks():
+    from gateway.candle_service import CHUNK, chunks
+    from gateway.candles import Out
+    items = [Out(f"S{k % 40}", "1s", k, "update", b"{}", b"{}", b"[]") for k in range(400)]
+    marks = {f"S{k}": ("e", k) for k in range(45)}          # S40..S44: a watermark alone
+    got = list(chunks(items, marks))
+    assert sum(len(i) for i, _ in got) == 400
+    assert [x for i, _ in got for x in i] != items           # grouped by symbol ...
+    for i, m in got:
+        assert len(i) <= CHUNK
+        assert {x.symbol for x in i} <= set(m)              # ... each with its watermark
+    seen = [s for i, m in got for s in {x.symbol for x in i}]
+    assert len(seen) == len(set(seen)) == 40                 # a symbol never split
+    assert {s for _, m in got for s in m} == set(marks)
+    for s in ("S3", "S17"):                                  # order kept within a symbol
+        starts = [x.start for i, _ in got for x in i if x.symbol == s]
+        assert starts == sorted(starts)

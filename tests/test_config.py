@@ -60,6 +60,7 @@ INT_BOUNDS = {
     "max_connections_per_ip": (0, None),
     "connect_burst": (0, None),
     "history_size": (1, 10_000_000),
+    "candle_backfill": (0, 10000),
 }
 
 
@@ -523,3 +524,19 @@ def test_help_lists_every_setting(capsys):
     out = capsys.readouterr().out
     for s in SETTINGS:
         assert s.flag in out and s.env in out
+
+
+# --- candle settings -----------------------------------------------------------------
+def test_candle_intervals_are_checked_and_sorted():
+    assert Config.from_env({"WS_CANDLE_INTERVALS": "5m, 1s,1h"}).candle_intervals == ("1s", "5m", "1h")
+    assert Config.from_env({"WS_CANDLE_INTERVALS": ""}).candle_intervals == ()
+    for bad, why in (("7m", "divide a day"), ("1M", "must look like"), ("0s", "must look like"),
+                     ("60s,1m", "twice"), ("2d", "divide a day"), ("1.5m", "must look like")):
+        with pytest.raises(ConfigError, match=why):
+            Config.from_env({"WS_CANDLE_INTERVALS": bad})
+
+
+def test_trade_and_candle_prefixes_must_not_overlap():
+    for trade, candle in (("channel:", "channel:candle:"), ("channel:candle:x", "channel:candle:")):
+        with pytest.raises(ConfigError, match="prefixes of each other"):
+            Config.from_env({"WS_CHANNEL_PREFIX": trade, "WS_CANDLE_CHANNEL_PREFIX": candle})
