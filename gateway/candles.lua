@@ -88,10 +88,10 @@ local function publish_candles(keys, args)
     if kind == 'd' then
       redis.call('HDEL', hash, 's:' .. start)
     else
-      redis.call('HSET', hash, 's:' .. start, state)
       if kind == 'u' then
-        redis.call('HSET', hash, 'o:' .. start, body)
+        redis.call('HSET', hash, 's:' .. start, state, 'o:' .. start, body)
       else
+        redis.call('HSET', hash, 's:' .. start, state)
         redis.call('HDEL', hash, 'o:' .. start)
         redis.call('ZREMRANGEBYSCORE', finals, start, start)
         redis.call('ZADD', finals, start, kind == 'c' and stored or body)
