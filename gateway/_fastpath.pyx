@@ -578,6 +578,10 @@ cdef class ClientListener(WSListener):
         if transport.is_close_frame_sent:
             # Closing: picows still hands over whatever else was in the read
             # buffer (a flood can be megabytes); none of it gets an answer.
+            # The client's close completes the handshake: the server closes
+            # TCP then (RFC 6455 7.1.1), not after the shutdown grace.
+            if t == WSMsgType.CLOSE:
+                transport.disconnect()
             return
         if ((t == WSMsgType.TEXT or t == WSMsgType.BINARY) and frame.fin and self.frag is None
                 and not frame.rsv2 and not frame.rsv3 and (self.deflate or not frame.rsv1)):

@@ -36,6 +36,7 @@ _OUT_KEEP = 65536
 _TEXT = WSMsgType.TEXT
 _BINARY = WSMsgType.BINARY
 _PONG = WSMsgType.PONG
+_CLOSE = WSMsgType.CLOSE
 
 
 def is_json_object(payload: bytes) -> bool:
@@ -126,6 +127,8 @@ class ClientListener(WSListener):
     def on_ws_frame(self, transport, frame):
         t = frame.msg_type
         if transport.is_close_frame_sent:
+            if t == _CLOSE:        # the handshake is done: close TCP (RFC 6455 7.1.1)
+                transport.disconnect()
             return
         if ((t in (_TEXT, _BINARY)) and frame.fin and self.frag is None
                 and not frame.rsv2 and not frame.rsv3 and (self.deflate or not frame.rsv1)):

@@ -137,9 +137,10 @@ def check_lifecycle(messages):
             seen[key] = "correction"
 
 
-def test_a_simulated_day_matches_the_reference():
+@pytest.mark.parametrize("hours", [pytest.param(2, id="2h"), pytest.param(6.5, id="day", marks=pytest.mark.slow)])
+def test_a_simulated_day_matches_the_reference(hours):
     rng = random.Random(7)
-    trades = simulate_day(rng)
+    trades = simulate_day(rng, seconds=hours * 3600)
     book, messages = run_book(trades)
     end = max(x.arrival for x in trades) + LATE + 400_000
     end -= end % TICK

@@ -65,6 +65,7 @@ def test_heartbeat_keeps_answering_clients_drops_silent_ones(aio, impl, redis_se
 # -- churn ---------------------------------------------------------------------
 
 @pytest.mark.heavy
+@pytest.mark.slow
 def test_connect_subscribe_disconnect_churn_leaves_table_empty(aio, impl, redis_server):
     async def main():
         async with running_gateway(impl, redis_server.url, max_connections_per_ip=0) as gw:
@@ -140,6 +141,7 @@ def test_redis_restart_clients_stay_delivery_resumes(aio, impl, own_redis):
     aio(main())
 
 
+@pytest.mark.heavy
 def test_redis_unreachable_at_start_then_appears(aio, impl, own_redis):
     async def main():
         async with running_gateway(impl, own_redis.url) as gw:
@@ -156,6 +158,7 @@ def test_redis_unreachable_at_start_then_appears(aio, impl, own_redis):
 
 
 @pytest.mark.heavy
+@pytest.mark.slow
 def test_redis_password_and_db_honoured(aio, impl, own_redis, caplog):
     own_redis.extra = ["--requirepass", "s3cret"]
     own_redis.start()
@@ -208,6 +211,25 @@ def test_signal_closes_clients_1001_and_exits_0(gateway_process, sig):
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
 
 
+def test_shutdown_closes_tcp_once_the_client_answers_the_close(gateway_process):
+    """RFC 6455 7.1.1: the close handshake done, the server closes TCP at
+    once; it does not sit out the shutdown grace (2 s) first."""
+    gw = gateway_process()
+    gw.wait_listening()
+    with wire.connect(gw.port) as raw:
+        raw.text()                                      # welcome
+        gw.send_signal(signal.SIGTERM)
+        close = raw.until_close()
+        answered = time.monotonic()
+        assert close.payload[:2] == (1001).to_bytes(2, "big")
+        raw.send(wire.close_frame(1001))
+        raw.sock.settimeout(5)
+        assert raw.read_all() == b""
+        took = time.monotonic() - answered
+    assert gw.wait(5) == 0
+    assert took < 1.0, f"EOF {took:.2f} s after the client's close"
+
+
 @pytest.mark.parametrize("env,args,expected", [
     ({"WS_PORT": "http"}, [], "WS_PORT must be a whole number"),
     ({}, ["--port", "70000"], "--port must be between 0 and 65535"),
@@ -249,6 +271,7 @@ def test_console_script_installed():
     assert proc.returncode == 0 and "WS_PORT" in proc.stdout
 
 
+@pytest.mark.slow
 def test_stats_logged_periodically(redis_server, gateway_process):
     gw = gateway_process(WS_STATS_INTERVAL="0.3")
     port = gw.port

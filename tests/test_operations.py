@@ -80,6 +80,7 @@ def test_health_ready_metrics_endpoints(aio, impl, redis_server):
     aio(main())
 
 
+@pytest.mark.heavy
 def test_readyz_and_metrics_follow_redis_faults(aio, impl, own_redis):
     async def main():
         async with running_gateway(impl, own_redis.url) as gw:
@@ -307,6 +308,7 @@ print(sent)
 """
 
 
+@pytest.mark.slow
 def test_control_flood_does_not_delay_other_clients(redis_server, gateway_process):
     """One client floods control messages as fast as it can; the per-connection
     rate limit closes it (1008) and another client's trades keep flowing.

@@ -208,6 +208,7 @@ def publish(r: redis.Redis, symbol: str, count: int) -> list[int]:
 
 # -- 1. resume across a gateway kill -9 -------------------------------------------
 
+@pytest.mark.slow
 def test_resume_on_another_instance_after_kill_9(redis_server, gateways):
     syms = fresh_symbols(2)
     gw_a = gateways(redis_server.url)
@@ -297,6 +298,7 @@ def test_resume_with_the_old_epoch_after_redis_restart(own_redis, gateways):
     assert not gw.tracebacks()
 
 
+@pytest.mark.slow
 def test_live_client_gets_the_new_epoch_from_seq_1_after_redis_restart(own_redis, gateways):
     """A deployment loads the library itself (ws-gateway-functions load) and
     publishes as soon as Redis is back, before the gateway's subscription is:
@@ -453,6 +455,7 @@ def test_resume_storm_while_publishing_at_full_speed(own_redis, gateways):
 
 # -- 3b. more history reads asked for at once than a Redis connection pool holds ------
 
+@pytest.mark.slow
 def test_resumes_beyond_100_history_reads_in_flight(own_redis, gateways):
     """Clients resume 5 symbols each while Redis holds every command for a
     moment (CLIENT PAUSE, as a busy Redis would): each symbol's read is
@@ -496,6 +499,7 @@ def test_resumes_beyond_100_history_reads_in_flight(own_redis, gateways):
 
 # -- 4. the gateway's own gap fill after CLIENT KILL TYPE pubsub -------------------------
 
+@pytest.mark.slow
 def test_gateway_refills_after_its_subscription_is_killed(own_redis, gateways):
     own_redis.start()
     syms = fresh_symbols(2)
