@@ -378,7 +378,7 @@ class CandleService:
                 pass
         if was != "standby":
             self.stepdowns += 1
-            log.warning("standing by: %s", why)
+            (log.info if self._stopping else log.warning)("standing by: %s", why)
 
     # --- the lease ------------------------------------------------------------------
     async def _lease_loop(self) -> None:
