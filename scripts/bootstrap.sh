@@ -24,6 +24,23 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
+# One install step: a line saying what it does and how long it took; its
+# output goes to $VENV/install.log and is shown only if it fails.
+step() {
+    local what="$1"
+    shift
+    local start=$SECONDS
+    printf '    %s ... ' "$what"
+    if "$@" >>"$VENV/install.log" 2>&1; then
+        echo "done ($((SECONDS - start)) s)"
+    else
+        echo "FAILED"
+        echo "error: $what failed; the end of $VENV/install.log:" >&2
+        tail -n 30 "$VENV/install.log" >&2
+        exit 1
+    fi
+}
+
 need_venv() {
     local extras="${1:-}"
     if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -53,14 +70,20 @@ need_venv() {
     if [ ! -f "$stamp" ] || [ -n "$(find "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/gateway" \
             -newer "$stamp" \( -name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.toml' \) \
             2>/dev/null | head -n 1)" ]; then
-        echo "==> installing the gateway and its dependencies into $VENV"
-        "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+        echo "==> installing the gateway and its dependencies into $VENV (about a minute the first time)"
+        local log="$VENV/install.log"
+        : >"$log"
+        step "upgrading pip, setuptools and wheel" \
+            "$VENV/bin/python" -m pip install --upgrade pip setuptools wheel
+        step "installing the build requirements (Cython, picows)" \
+            "$VENV/bin/python" -m pip install "Cython==3.3.1" "picows==2.3.1"
         # Build requirements first, then an editable install without build
         # isolation: the compiled module lands next to the sources, so the
         # tests import exactly what they see.
-        "$VENV/bin/python" -m pip install -q "Cython==3.3.1" "picows==2.3.1"
-        "$VENV/bin/python" -m pip install -q --no-build-isolation -e "$ROOT$extras"
-        (cd "$ROOT" && "$VENV/bin/python" setup.py -q build_ext --inplace >/dev/null)
+        step "installing the package and its dependencies${extras:+ (with $extras)}" \
+            "$VENV/bin/python" -m pip install --no-build-isolation -e "$ROOT$extras"
+        step "compiling the fast path (Cython to C to a shared library)" \
+            bash -c "cd '$ROOT' && '$VENV/bin/python' setup.py -q build_ext --inplace"
         touch "$stamp"
     fi
 }

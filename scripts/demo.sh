@@ -8,6 +8,21 @@ need_venv "[test]"   # [test] brings the websockets CLI client used below
 
 WS_PORT="${WS_PORT:-8080}"
 REDIS_PORT="${DEMO_REDIS_PORT:-6390}"
+CANDLES_PORT="${DEMO_CANDLES_PORT:-8081}"
+SYMBOLS="AAPL,GOOGL,MSFT,AMZN,TSLA,NVDA,META,NFLX,AMD,INTC"
+
+# Before touching anything (logs included): are the ports free? A second
+# demo, or anything else on them, stops here with a clear line.
+for spec in "Redis:$REDIS_PORT:DEMO_REDIS_PORT" "the candle service:$CANDLES_PORT:DEMO_CANDLES_PORT" \
+            "the gateway:$WS_PORT:WS_PORT"; do
+    IFS=: read -r who port var <<<"$spec"
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "error: port $port (for $who) is already in use on 127.0.0.1: is a demo already" \
+             "running? Stop it, or set $var to another port." >&2
+        exit 1
+    fi
+done
+
 RUN="$ROOT/.demo"
 mkdir -p "$RUN"
 pids=()
@@ -30,13 +45,17 @@ for _ in $(seq 50); do
     redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
     sleep 0.1
 done
+if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+    echo "error: redis-server did not start on 127.0.0.1:$REDIS_PORT; the end of $RUN/redis.log:" >&2
+    tail -n 5 "$RUN/redis.log" >&2
+    exit 1
+fi
 
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
-echo "==> starting the demo feed (10 symbols, 20 trades/s)"
-"$VENV/bin/ws-gateway-feed" --redis-url "$REDIS_URL" --rate 20 2>"$RUN/feed.log" &
+echo "==> starting the demo feed: 20 trades/s over $SYMBOLS"
+"$VENV/bin/ws-gateway-feed" --redis-url "$REDIS_URL" --symbols "$SYMBOLS" --rate 20 2>"$RUN/feed.log" &
 pids+=($!)
 
-CANDLES_PORT="${DEMO_CANDLES_PORT:-8081}"
 echo "==> starting the candle service (1s, 1m, 5m candles; health on 127.0.0.1:$CANDLES_PORT)"
 WS_HOST=127.0.0.1 WS_PORT="$CANDLES_PORT" "$VENV/bin/ws-gateway-candles" 2>"$RUN/candles.log" &
 pids+=($!)
