@@ -36,6 +36,9 @@ def encode_command(*args: str | bytes) -> bytes:
     return b"".join(out)
 
 
+REPEAT_LOG_INTERVAL = 30.0     # seconds between warnings while Redis stays unreachable
+
+
 class Backoff:
     """Capped exponential backoff with jitter: 0.1 s, 0.2 s, ... up to ``cap``."""
 
@@ -131,6 +134,8 @@ class RedisSubscriber:
         self._stopping = False
         self._last_reply = 0.0
         self._refused = False
+        self._failures = 0          # connection attempts failed in a row
+        self._warned_at = 0.0
 
     # lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -156,7 +161,15 @@ class RedisSubscriber:
             except (TimeoutError, OSError) as exc:
                 why = str(exc) or type(exc).__name__
                 self._set_state(False, f"cannot connect to {self.target.describe()}: {why}")
-                log.warning("Redis %s unreachable (%s)", self.target.describe(), why)
+                self._failures += 1
+                now = time.monotonic()
+                # The first failure and then one line per REPEAT_LOG_INTERVAL,
+                # not two lines per attempt for as long as Redis is away.
+                if self._failures == 1 or now - self._warned_at >= REPEAT_LOG_INTERVAL:
+                    self._warned_at = now
+                    more = f"; {self._failures} attempts so far" if self._failures > 1 else ""
+                    log.warning("Redis %s unreachable (%s)%s; retrying with backoff up to %g s",
+                                self.target.describe(), why, more, self.backoff.cap)
             else:
                 keepalive = loop.create_task(self._keepalive(proto))
                 try:
@@ -176,7 +189,7 @@ class RedisSubscriber:
                     log.warning("Redis connection lost (%s); clients stay connected, reconnecting",
                                 lost or was)
             delay = self.backoff.next_delay()
-            log.info("next Redis connection attempt in %.2f s", delay)
+            log.debug("next Redis connection attempt in %.2f s", delay)
             await asyncio.sleep(delay)
 
     async def _connect(self, loop) -> _SubscriptionProtocol:
@@ -207,6 +220,10 @@ class RedisSubscriber:
         # protocol is recorded here, not there.
         self._proto = proto
         self._refused = False
+        if self._failures > 1:
+            log.info("Redis %s reachable again after %d failed attempts", self.target.describe(),
+                     self._failures)
+        self._failures = 0
         self.connects += 1
         self._last_reply = time.monotonic()
         cmds = []

@@ -123,6 +123,9 @@ class Session:
             t.underlying_transport.set_write_buffer_limits(high=hub.policy.max_buffered_bytes)
         listener.send_text(protocol.welcome(self.connection_id, hub.server_id, self.max_symbols,
                                             self.admission.user_id, protocol.now_ms()))
+        user = self.admission.user_id
+        log.info("connection %s from %s%s", self.connection_id, _address(self.peer()),
+                 f" (user {user})" if user is not None else "")
 
     def on_message(self, listener, data: bytes, is_text: bool, compressed: bool = False) -> None:
         hub = self.hub
@@ -171,6 +174,7 @@ class Session:
         if self in hub.sessions:
             hub.sessions.discard(self)
             hub.access.disconnected(self.admission)
+            log.info("connection %s closed", self.connection_id)
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
@@ -261,6 +265,12 @@ class Session:
     def peer(self):
         t = self.listener.transport if self.listener is not None else None
         return t.underlying_transport.get_extra_info("peername") if t is not None else None
+
+
+def _address(peer) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return str(peer)
 
 
 def on_slow_consumer(listener) -> None:

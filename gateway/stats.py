@@ -21,7 +21,7 @@ class Stats:
         s = self.snapshot()
         log.info(
             "stats: connections=%d subscriptions=%d symbols=%d redis_messages=%d frames_sent=%d "
-            "client_messages=%d errors=%d dropped_payloads=%d unrouted=%d redis_ready=%s "
+            "client_messages=%d client_errors=%d dropped_payloads=%d unrouted=%d redis_ready=%s "
             "redis_reconnects=%d heartbeat_timeouts=%d slow_consumers=%d",
             s["connections"], s["subscriptions"], s["symbols"], s["redis_messages"],
             s["frames_sent"], s["client_messages"], s["errors"], s["dropped_payloads"],

@@ -304,5 +304,5 @@ def test_stats_logged_periodically(redis_server, gateway_process):
     assert int(last["redis_messages"]) >= 2
     assert last["frames_sent"] == "1"
     assert last["client_messages"] == "2"
-    assert last["errors"] == "1"
+    assert last["client_errors"] == "1"
     assert int(last["dropped_payloads"]) >= 1

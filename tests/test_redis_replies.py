@@ -190,3 +190,28 @@ def test_two_patterns_against_a_real_redis(aio, impl, redis_server):
         assert len(got) == 2 and got[0].startswith(b'{"type":"trade","data":{"p":1},')
         assert got[1] == b'{"type":"candle"}' and fanout.unrouted_messages == 1
     aio(main())
+
+
+def test_an_unreachable_redis_is_one_warning_not_two_lines_per_attempt(caplog):
+    """While Redis stays away the subscriber retries every few ms here, yet
+    logs one warning (then one per REPEAT_LOG_INTERVAL), and a line when it
+    is back; the per-attempt delay is DEBUG only."""
+    import asyncio
+
+    from gateway._testbase.net import free_port
+
+    async def main():
+        sub = RedisSubscriber(parse_redis_url(f"redis://127.0.0.1:{free_port()}"), PATTERN,
+                              lambda on_reply: None, backoff=Backoff(base=0.001, cap=0.005))
+        sub.start()
+        await asyncio.sleep(0.5)
+        attempts = sub._failures
+        await sub.stop()
+        return attempts
+
+    with caplog.at_level(logging.INFO, logger="gateway.redis"):
+        attempts = asyncio.run(main())
+    warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert attempts > 10
+    assert len(warnings) == 1
+    assert not [r for r in caplog.records if "next Redis connection attempt" in r.getMessage()]
