@@ -96,6 +96,8 @@ cdef class FanOut:
 
     cdef int route(self, object channel, object payload, const char* ts, Py_ssize_t tslen) except -1
     cdef int _route_candle(self, object channel, list subs, object payload) except -1
+    cdef int _deliver(self, object channel, list subs, Py_ssize_t size, const char* epoch,
+                      Py_ssize_t elen, int64_t seq, int64_t conflate_seq) except -1
     cdef int flush(self) except -1
     cdef void observe(self, int64_t elapsed_ns) noexcept
     cdef bytes _deflate_frame(self, Py_ssize_t size)

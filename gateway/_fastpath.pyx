@@ -924,9 +924,7 @@ cdef class FanOut:
         cdef PyObject* found
         cdef list subs, pos
         cdef bytes cp
-        cdef ClientListener conn
-        cdef Py_ssize_t j, nsubs, plen, size, fsize, held = 0, skipped = 0
-        cdef const char* fptr
+        cdef Py_ssize_t plen, size
         cdef const char* p
         cdef Sequenced sq
         cdef int64_t seq = 0
@@ -951,7 +949,6 @@ cdef class FanOut:
         if (size and type(channel) is bytes and PyBytes_GET_SIZE(channel) > size
                 and memcmp(PyBytes_AS_STRING(channel), PyBytes_AS_STRING(cp), size) == 0):
             return self._route_candle(channel, subs, payload)
-        nsubs = PyList_GET_SIZE(subs)
         p = PyBytes_AS_STRING(payload)
         plen = PyBytes_GET_SIZE(payload)
         if _split_sequenced(p, plen, &sq):
@@ -990,38 +987,8 @@ cdef class FanOut:
             if size > self.scratch_cap:
                 self._grow_scratch(size)
             _write_trade_frame(self.scratch, p, plen, ts, tslen)
-        zframe = None
-        for j in range(nsubs):
-            conn = <ClientListener>PyList_GET_ITEM(subs, j)
-            if conn.deflate:
-                # Compressed once per message, for every client that
-                # negotiated permessage-deflate (server_no_context_takeover).
-                if zframe is None:
-                    zframe = self._deflate_frame(size)
-                fptr = PyBytes_AS_STRING(zframe)
-                fsize = PyBytes_GET_SIZE(zframe)
-            else:
-                fptr = self.scratch
-                fsize = size
-            if conn.floors is not None and conn.below_floor(
-                    channel, p + sq.epoch_off if seq else NULL, sq.epoch_len if seq else 0, seq):
-                skipped += 1
-                continue
-            if conn.holding or conn.conflating:
-                if conn.holding:
-                    conn.hold(channel, seq, fptr, fsize)
-                else:
-                    conn.conflate(channel, fptr, fsize, seq)
-                held += 1
-                continue
-            conn.append_frame(fptr, fsize)
-            if not conn.in_batch:
-                conn.in_batch = True
-                self.touched.append(conn)
-        self.frames_sent += nsubs - held - skipped
-        self.conflated_messages += held
-        self.bytes_sent += <uint64_t>((nsubs - held - skipped) * size)
-        return 0
+        return self._deliver(channel, subs, size, p + sq.epoch_off if seq else NULL,
+                             sq.epoch_len if seq else 0, seq, seq)
 
     cdef int _route_candle(self, object channel, list subs, object payload) except -1:
         # The candle service built the client message: it goes out verbatim
@@ -1030,12 +997,9 @@ cdef class FanOut:
         # empty epoch); a conflating client keeps the latest candle message
         # with seq 0, so its notice is a plain gap.
         cdef const char* p = PyBytes_AS_STRING(payload)
-        cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload), blen, h, size, fsize, j
-        cdef Py_ssize_t nsubs = PyList_GET_SIZE(subs), held = 0, skipped = 0
+        cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload), blen, h, size
         cdef int64_t n = 0
         cdef Py_ssize_t comma = _split_candle(p, plen, &n)
-        cdef const char* fptr
-        cdef ClientListener conn
         self.candle_messages += 1
         blen = plen if comma < 0 else plen - comma
         h = _header_size(blen)
@@ -1048,13 +1012,25 @@ cdef class FanOut:
         else:
             self.scratch[h] = b'{'
             memcpy(self.scratch + h + 1, p + comma + 1, plen - comma - 1)
+        return self._deliver(channel, subs, size, p, 0, n, 0)
+
+    cdef int _deliver(self, object channel, list subs, Py_ssize_t size, const char* epoch,
+                      Py_ssize_t elen, int64_t seq, int64_t conflate_seq) except -1:
+        # The frame in scratch (``size`` bytes) to every subscriber: skipped
+        # below its floor, held (by seq) or conflated (by conflate_seq), or
+        # appended to its batch. Compressed once, for the deflate clients.
+        cdef Py_ssize_t j, nsubs = PyList_GET_SIZE(subs), fsize, held = 0, skipped = 0
+        cdef const char* fptr
+        cdef ClientListener conn
         zframe = None
         for j in range(nsubs):
             conn = <ClientListener>PyList_GET_ITEM(subs, j)
-            if conn.floors is not None and conn.below_floor(channel, p, 0, n):
+            if conn.floors is not None and conn.below_floor(channel, epoch, elen, seq):
                 skipped += 1
                 continue
             if conn.deflate:
+                # Compressed once per message, for every client that
+                # negotiated permessage-deflate (server_no_context_takeover).
                 if zframe is None:
                     zframe = self._deflate_frame(size)
                 fptr = PyBytes_AS_STRING(zframe)
@@ -1063,11 +1039,11 @@ cdef class FanOut:
                 fptr = self.scratch
                 fsize = size
             if conn.holding:
-                conn.hold(channel, n, fptr, fsize)
+                conn.hold(channel, seq, fptr, fsize)
                 held += 1
                 continue
             if conn.conflating:
-                conn.conflate(channel, fptr, fsize, 0)
+                conn.conflate(channel, fptr, fsize, conflate_seq)
                 held += 1
                 continue
             conn.append_frame(fptr, fsize)

@@ -457,6 +457,22 @@ class FanOut:
                              _protocol.EPOCH_MID, epoch, _protocol.EPOCH_END, ts, TRADE_TAIL))
         else:
             body = _trade_body(payload, ts)
+        self._deliver(channel, subs, body, epoch, seq, seq)
+
+    def _route_candle(self, channel: bytes, payload: bytes, subs: list[ClientListener]) -> None:
+        # The candle service built the client message: it goes out verbatim
+        # once "_n" is cut off, with no envelope and no position. Its n
+        # orders it against a backfill (holds, floors); a conflating client
+        # keeps the latest candle message with seq 0 (a plain gap notice).
+        self._candle_messages += 1
+        n, body = split_candle(payload)
+        self._deliver(channel, subs, body, b"", n, 0)
+
+    def _deliver(self, channel: bytes, subs: list[ClientListener], body: bytes, epoch: bytes,
+                 seq: int, conflate_seq: int) -> None:
+        # One message to every subscriber: skipped below its floor, held (by
+        # seq) or conflated (by conflate_seq), or appended to its batch;
+        # framed once, compressed once for the deflate clients.
         frame = encode_text_frame(body)
         zframe = None
         held = skipped = 0
@@ -469,46 +485,12 @@ class FanOut:
                 if zframe is None:
                     zframe = self._deflate_frame(body)
                 f = zframe
-            if conn.holding or conn.conflating:
-                if conn.holding:
-                    conn._held.append((channel, seq, f))
-                else:
-                    conn._conflate(channel, f, seq)
-                held += 1
-                continue
-            conn._out += f
-            if not conn._in_batch:
-                conn._in_batch = True
-                self._touched.append(conn)
-        self._frames_sent += len(subs) - held - skipped
-        self._conflated_messages += held
-        self._bytes_sent += (len(subs) - held - skipped) * len(frame)
-
-    def _route_candle(self, channel: bytes, payload: bytes, subs: list[ClientListener]) -> None:
-        # The candle service built the client message: it goes out verbatim
-        # once "_n" is cut off, with no envelope and no position. Its n
-        # orders it against a backfill (holds, floors); a conflating client
-        # keeps the latest candle message with seq 0 (a plain gap notice).
-        self._candle_messages += 1
-        n, body = split_candle(payload)
-        frame = encode_text_frame(body)
-        zframe = None
-        held = skipped = 0
-        for conn in subs:
-            if conn._floors is not None and conn._below_floor(channel, b"", n):
-                skipped += 1
-                continue
-            f = frame
-            if conn.deflate:
-                if zframe is None:
-                    zframe = self._deflate_frame(body)
-                f = zframe
             if conn.holding:
-                conn._held.append((channel, n, f))
+                conn._held.append((channel, seq, f))
                 held += 1
                 continue
             if conn.conflating:
-                conn._conflate(channel, f, 0)
+                conn._conflate(channel, f, conflate_seq)
                 held += 1
                 continue
             conn._out += f
