@@ -41,7 +41,7 @@ from .candles import Candle, CandleBook, Counters, Trade, interval_settings, par
 from .config import CandleConfig, ConfigError
 from .endpoints import http_answer
 from .redis_reader import RedisSubscriber
-from .server import history_client
+from .server import history_client, stop_signal
 
 log = logging.getLogger("gateway.candles")
 
@@ -507,15 +507,7 @@ class CandleService:
 
 async def serve(config: CandleConfig) -> None:
     service = CandleService(config)
-    loop = asyncio.get_running_loop()
-    stop: asyncio.Future[int] = loop.create_future()
-
-    def on_signal(sig: int) -> None:
-        if not stop.done():
-            stop.set_result(sig)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    stop = stop_signal()
     await service.start()
     received = await stop
     log.info("received %s", signal.Signals(received).name)

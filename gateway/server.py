@@ -235,9 +235,8 @@ def _normalize_connection_header(headers) -> None:
         headers["Connection"] = "Upgrade"
 
 
-async def serve(config: Config, ready: asyncio.Future | None = None) -> None:
-    """Run until SIGTERM or SIGINT."""
-    gateway = Gateway(config)
+def stop_signal() -> asyncio.Future[int]:
+    """A future that SIGTERM or SIGINT completes with the signal's number."""
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[int] = loop.create_future()
 
@@ -247,6 +246,13 @@ async def serve(config: Config, ready: asyncio.Future | None = None) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    return stop
+
+
+async def serve(config: Config, ready: asyncio.Future | None = None) -> None:
+    """Run until SIGTERM or SIGINT."""
+    gateway = Gateway(config)
+    stop = stop_signal()
     await gateway.start()
     if ready is not None:
         ready.set_result(gateway)
