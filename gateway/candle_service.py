@@ -217,15 +217,9 @@ class CandleService:
             book.add(symbol, trade, now)
 
     async def _read_all(self, symbol: str, after: int) -> sequencing.HistoryRead:
-        h = await sequencing.read_history(self.client, symbol, after, HISTORY_PAGE)
-        entries = list(h.entries)
-        while len(h.entries) == HISTORY_PAGE and entries[-1][0] < h.last:
-            more = await sequencing.read_history(self.client, symbol, entries[-1][0], HISTORY_PAGE)
-            if more.epoch != h.epoch:
-                break
-            entries.extend(more.entries)
-            h = sequencing.HistoryRead(h.epoch, h.first, more.last, more.entries)
-        return sequencing.HistoryRead(h.epoch, h.first, h.last, entries)
+        return await sequencing.read_all_history(
+            lambda sym, a, n: sequencing.read_history(self.client, sym, a, n), symbol, after,
+            HISTORY_PAGE)
 
     # --- leading --------------------------------------------------------------------
     async def _take_over(self) -> None:

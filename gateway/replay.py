@@ -47,7 +47,7 @@ from typing import Any
 from . import protocol
 from .candle_store import Backfill
 from .control import Resume
-from .sequencing import HistoryRead
+from .sequencing import HistoryRead, read_all_history
 
 log = logging.getLogger("gateway.replay")
 
@@ -175,19 +175,9 @@ class Replayer:
                 fut.set_result(result)
 
     async def read_all(self, symbol: str, after: int) -> HistoryRead:
-        """Every retained trade after ``after`` (-1: the latest one), read in
-        pages so that no single Redis call carries the whole history."""
-        h = await self.read_history(symbol, after, self.page)
-        if after < 0:
-            return h
-        entries = list(h.entries)
-        while entries and len(h.entries) == self.page and entries[-1][0] < h.last:
-            more = await self.read_history(symbol, entries[-1][0], self.page)
-            if more.epoch != h.epoch:
-                break            # started anew meanwhile: the next read sees it
-            entries.extend(more.entries)
-            h = HistoryRead(h.epoch, h.first, more.last, more.entries)
-        return HistoryRead(h.epoch, h.first, h.last, entries)
+        """Every retained trade after ``after`` (-1: the latest one), in pages."""
+        return await read_all_history(self.read_history, symbol, after, self.page)
+
 
     def _backfill(self, stream: str) -> asyncio.Future[SharedBackfill]:
         """A backfill read of candle stream ``stream``, shared with the other

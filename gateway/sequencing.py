@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -175,6 +176,25 @@ async def read_history(aclient: Any, symbol: str, after: int, count: int) -> His
     ``count`` trades with seq > ``after`` (after=-1: the latest one)."""
     reply = await aclient.fcall_ro("trade_history", 1, symbol, after, count)
     return parse_history(reply)
+
+
+async def read_all_history(read: Callable[[str, int, int], Awaitable[HistoryRead]], symbol: str,
+                           after: int, page: int) -> HistoryRead:
+    """Every retained trade of ``symbol`` after ``after`` (-1: the latest
+    one), through ``read(symbol, after, count)`` (read_history bound to a
+    client) in pages of ``page``, so no single Redis call carries the whole
+    history."""
+    h = await read(symbol, after, page)
+    if after < 0:
+        return h
+    entries = list(h.entries)
+    while entries and len(h.entries) == page and entries[-1][0] < h.last:
+        more = await read(symbol, entries[-1][0], page)
+        if more.epoch != h.epoch:
+            break            # started anew meanwhile: the next read sees it
+        entries.extend(more.entries)
+        h = HistoryRead(h.epoch, h.first, more.last, more.entries)
+    return HistoryRead(h.epoch, h.first, h.last, entries)
 
 
 # ---------------------------------------------------------------- command line
