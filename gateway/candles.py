@@ -59,8 +59,8 @@ def volume_out(v: Volume) -> int | float:
 
 @dataclass(slots=True)
 class Trade:
-    """The fields a candle needs, checked. ``seq`` is 0 for unsequenced trades;
-    ``order`` breaks ties among equal timestamps (seq, else arrival)."""
+    """The fields a candle needs, checked. ``seq`` is 0 for unsequenced
+    trades; among equal timestamps it orders trades (else their arrival)."""
     price: float
     volume: Volume
     ts: int
