@@ -309,6 +309,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Redis channel prefix of candle streams (PREFIX<interval>:<SYMBOL>)"),
     Setting("compression", "WS_COMPRESSION", "--compression", "on", _on_off,
             "permessage-deflate for clients that offer it: on or off"),
+    Setting("web_ui", "WS_WEB_UI", "--web-ui", "off", _on_off,
+            "serve the live web page on GET / (and its files under /ui/): on or off"),
     Setting("log_level", "LOG_LEVEL", "--log-level", "INFO", _log_level,
             "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -351,6 +353,7 @@ class Config:
     candle_backfill: int = 100
     candle_channel_prefix: str = "channel:candle:"
     compression: bool = True
+    web_ui: bool = False
     log_level: str = "INFO"
     redis: RedisTarget = dataclasses.field(default_factory=RedisTarget)
 

@@ -24,7 +24,7 @@ from .access import AccessPolicy, Refusal
 from .config import Config, RedisTarget
 from .control import ControlHandler
 from .counters import Counters
-from .endpoints import Endpoints, http_answer
+from .endpoints import Endpoints, http_answer, is_upgrade
 from .redis_reader import RedisSubscriber
 from .replay import Replayer
 from .session import Hub, Session, SessionPolicy, abort, on_slow_consumer
@@ -80,7 +80,7 @@ class Gateway:
         self.counters.redis = self.redis
         self.stats = Stats(self.counters, self.server_id)
         self.endpoints = Endpoints(self.server_id, self._not_ready,
-                                   metrics.make_registry(self.counters))
+                                   metrics.make_registry(self.counters), web_ui=config.web_ui)
         self.server: asyncio.Server | None = None
         self.port: int | None = None
         self._tasks: list[asyncio.Task] = []
@@ -92,7 +92,7 @@ class Gateway:
     # listener factory -------------------------------------------------------
     def _listener_factory(self, request: WSUpgradeRequest, peer_ip: str) -> Any:
         path = request.path.split(b"?", 1)[0]
-        answer = self.endpoints.answer(path)
+        answer = self.endpoints.answer(path, is_upgrade(request.headers))
         if answer is not None:
             return answer
         _normalize_connection_header(request.headers)

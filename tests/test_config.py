@@ -188,6 +188,14 @@ def test_compression_on_off_bad(text):
     assert f"must be on or off, got {text!r}" in refused("compression", text)
 
 
+def test_web_ui_is_off_unless_turned_on():
+    assert Config().web_ui is False and Config.from_sources({}).web_ui is False
+    assert Config.from_sources({"WS_WEB_UI": "on"}).web_ui is True
+    assert Config.from_sources({"WS_WEB_UI": "on"}, {"web_ui": "off"}).web_ui is False
+    assert convert("web_ui", " ON ") is True and convert("web_ui", "0") is False
+    assert "WS_WEB_UI must be on or off, got 'sometimes'" in refused("web_ui", "sometimes")
+
+
 @pytest.mark.parametrize("text, value", [
     ("", ()), (" , ,", ()),
     ("https://a.example", ("https://a.example",)),
@@ -447,6 +455,7 @@ def one_error_line(capsys) -> str:
     (["--heartbeat-interval", "0"], "--heartbeat-interval must be at least 0.05"),
     (["--slow-client-policy", "drop"], "--slow-client-policy must be one of"),
     (["--compression", "maybe"], "--compression must be on or off"),
+    (["--web-ui", "yes please"], "--web-ui must be on or off"),
     (["--redis-url", "http://h"], "REDIS_URL must start with"),
     (["--tls-cert", "/nonexistent/c.pem"], "--tls-cert must name a readable file"),
     (["--channel-prefix", "a*"], "--channel-prefix must be a non-empty channel prefix"),
