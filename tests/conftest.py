@@ -8,6 +8,7 @@ itself lives in ``gateway._testbase``.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from gateway import _fastpath_py
 from gateway._testbase import redis as _redis
 from gateway._testbase.inproc import running_gateway, wait_until  # noqa: F401  (for the tests)
 from gateway._testbase.loops import LOOP_KINDS, CheckedLoops
-from gateway._testbase.process import GatewayProcess, gateway_env  # noqa: F401
+from gateway._testbase.process import ONE_ADDRESS_ENV, GatewayProcess, gateway_env  # noqa: F401
 
 try:
     from gateway import _fastpath as _fastpath_c
@@ -75,6 +76,28 @@ def gateway_process(redis_server):
     def start(**settings):
         gw = GatewayProcess(redis_server.url, cwd=ROOT, **settings).start()
         procs.append(gw)
+        return gw
+    yield start
+    for gw in procs:
+        gw.close()
+
+
+def fresh_symbols(n: int) -> list[str]:
+    """Symbols no earlier test published to (the session Redis keeps histories)."""
+    return [f"P{k}{uuid.uuid4().hex[:10]}".upper() for k in range(n)]
+
+
+@pytest.fixture
+def gateways():
+    """``start(redis_url, **settings)``: a started and ready GatewayProcess;
+    every one is killed (and its log removed) after the test."""
+    procs: list[GatewayProcess] = []
+
+    def start(redis_url: str, **settings) -> GatewayProcess:
+        gw = GatewayProcess(redis_url, cwd=ROOT, die_with_parent=True,
+                            **{**ONE_ADDRESS_ENV, **settings}).start()
+        procs.append(gw)
+        gw.wait_ready(timeout=20)
         return gw
     yield start
     for gw in procs:

@@ -17,17 +17,16 @@ import random
 import signal
 import threading
 import time
-import uuid
 
 import orjson
 import pytest
 import redis
-from conftest import ROOT, needs_redis_server
+from conftest import fresh_symbols, needs_redis_server
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway._testbase.net import readyz, scrape_metrics
-from gateway._testbase.process import ONE_ADDRESS_ENV, GatewayProcess
+from gateway._testbase.process import GatewayProcess
 from gateway.config import Config
 from gateway.sequencing import LIBRARY_NAME, load_library, meta_key, publish_trade
 
@@ -36,28 +35,6 @@ pytestmark = needs_redis_server
 RECV_TIMEOUT = 10.0
 # The gateway's pattern subscriptions: trades, and candles (on by default).
 PATTERNS = 2 if Config().candle_intervals else 1
-
-
-def fresh_symbols(n: int) -> list[str]:
-    """Symbols no earlier test published to (the session Redis keeps histories)."""
-    return [f"P{k}{uuid.uuid4().hex[:10]}".upper() for k in range(n)]
-
-
-@pytest.fixture
-def gateways():
-    """``start(redis_url, **settings)``: a started and ready GatewayProcess;
-    every one is killed (and its log removed) after the test."""
-    procs: list[GatewayProcess] = []
-
-    def start(redis_url: str, **settings) -> GatewayProcess:
-        gw = GatewayProcess(redis_url, cwd=ROOT, die_with_parent=True,
-                            **{**ONE_ADDRESS_ENV, **settings}).start()
-        procs.append(gw)
-        gw.wait_ready(timeout=20)
-        return gw
-    yield start
-    for gw in procs:
-        gw.close()
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
