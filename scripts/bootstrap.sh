@@ -16,6 +16,20 @@ need_redis() {
     # their own on other ports and leave that one alone.
 }
 
+need_chromium() {
+    # tests/test_web_ui.py drives Debian's Chromium by its path; Playwright
+    # (a pip package) never downloads a browser of its own.
+    if [ -x /usr/bin/chromium ]; then
+        return 0
+    fi
+    # Debian's package is "chromium" (Ubuntu's is a snap): where it cannot be
+    # installed, say so and go on; those tests then report themselves skipped.
+    if ! command -v apt-get >/dev/null 2>&1 || ! apt_install chromium; then
+        echo "warning: could not install Chromium (apt-get install chromium);" \
+             "tests/test_web_ui.py will be skipped" >&2
+    fi
+}
+
 apt_install() {
     local sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi

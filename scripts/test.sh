@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: installs what is missing (redis-server, .venv),
+# Runs the whole test suite: installs what is missing (redis-server, Chromium, .venv),
 # checks the code (ruff, mypy, and stubtest for the compiled module's stub),
 # then pytest over every tier (pyproject's addopts leave out the slow one;
 # -m "" puts it back). Extra arguments go to pytest, after ours: a -m of
 # yours wins. It fails if any step failed; every step runs regardless.
 source "$(dirname "$0")/bootstrap.sh"
 need_redis
+need_chromium
 need_venv "[test]"
 cd "$ROOT"
 set +e

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import ROOT
 
-from gateway._testbase.net import free_port, wait_port
+from gateway._testbase.net import free_port, http_get, wait_port
 
 pytestmark = pytest.mark.slow  # builds the wheel and a virtual environment
 
@@ -41,6 +41,9 @@ def test_wheel_is_binary_and_has_no_sources_to_compile(wheel_venv):
     assert "gateway/_fastpath_py.py" in names
     assert "gateway/_testbase/__init__.py" in names  # the harness ships, as asyncpg's does
     assert not any(n.endswith(".c") for n in names)
+    for name in ("index.html", "app.js", "gateway-client.js", "style.css",
+                 "vendor/lightweight-charts.standalone.production.js", "vendor/LICENSE", "vendor/README.md"):
+        assert f"gateway/web/{name}" in names   # the page (WS_WEB_UI) ships
 
 
 def test_installed_wheel_runs_compiled_without_cython(wheel_venv, redis_server, tmp_path):
@@ -58,7 +61,7 @@ def test_installed_wheel_runs_compiled_without_cython(wheel_venv, redis_server, 
     port = free_port()
     proc = subprocess.Popen(
         [str(venv / "bin" / "ws-gateway"), "--host", "127.0.0.1", "--port", str(port),
-         "--redis-url", redis_server.url],
+         "--redis-url", redis_server.url, "--web-ui", "on"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         import asyncio
@@ -78,6 +81,9 @@ def test_installed_wheel_runs_compiled_without_cython(wheel_venv, redis_server, 
             assert '"data":{"w":1}' in await asyncio.wait_for(ws.recv(), 5)
             await ws.close()
         asyncio.run(main())
+        # The page's files are read from the installed package.
+        status, _, body = http_get(port, "/ui/gateway-client.js")
+        assert status == 200 and b"export class GatewayClient" in body
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
