@@ -506,6 +506,7 @@ def test_application_behind_is_told_and_loses_nothing(redis_server, gateways):
     run(main())
 
 
+@pytest.mark.slow
 @needs_redis_server
 def test_overflow_can_raise(redis_server, gateways):
     gw = gateways(redis_server.url)
@@ -522,6 +523,7 @@ def test_overflow_can_raise(redis_server, gateways):
     run(main())
 
 
+@pytest.mark.slow
 @needs_redis_server
 def test_unreadable_messages_do_not_end_the_client(redis_server, gateways):
     """A payload the gateway forwards but that is not what the client expects

@@ -388,7 +388,7 @@ def test_encode_trade_frame_passes_payload_verbatim(impl):
 
 @pytest.mark.parametrize("n", [0, 1, 125, 126, 65535, 65536, 70000])
 def test_encode_text_frame(impl, n):
-    body = bytes(random.Random(n).randrange(256) for _ in range(n))
+    body = random.Random(n).randbytes(n)
     frame = impl.encode_text_frame(body)
     assert frame == expected_frame(body)
     assert parse_frames(frame) == [(True, 1, body)]

@@ -165,6 +165,7 @@ def test_tail_prints_trades_and_reconnects_and_ctrl_c_exits_0(redis_server, gate
     assert code == 0 and "Traceback" not in err
 
 
+@pytest.mark.slow
 @needs_redis_server
 def test_tail_json_prints_what_the_gateway_sent(redis_server, gateways, tails):
     gw = gateways(redis_server.url)
@@ -183,6 +184,7 @@ def test_tail_json_prints_what_the_gateway_sent(redis_server, gateways, tails):
     assert code == 0 and "-- connected to" in err       # the story goes to stderr
 
 
+@pytest.mark.slow
 @needs_redis_server
 def test_tail_bad_input_is_one_line_and_exit_2(redis_server, gateways, tails):
     gw = gateways(redis_server.url)
