@@ -2,8 +2,8 @@
 
 ``ws-gateway-feed --symbols AAPL,MSFT --rate 50`` publishes about 50 trades a
 second, spread over the symbols, to ``<prefix><SYMBOL>`` as JSON objects with
-the seed's trade fields (symbol, price, volume, timestamp, conditions,
-exchange). Prices follow a random walk; the seed makes a run repeatable.
+the protocol's trade fields (symbol, price, volume, timestamp, conditions,
+exchange). Prices follow a random walk; ``--seed`` makes a run repeatable.
 
 By default each trade goes through the ``publish_trade`` Redis function
 (gateway/sequencing.py, loaded once at start with ``--history-size``): it is

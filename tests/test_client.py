@@ -542,3 +542,40 @@ def test_unreadable_messages_do_not_end_the_client(redis_server, gateways):
             assert [t.price for t in col.of(Trade)] == [1, 2] and col.error is None
             assert client.connected
     run(main())
+
+
+@pytest.mark.slow
+@needs_redis_server
+def test_redis_restarted_without_persistence_is_an_epoch_change(own_redis, gateways):
+    """The history is lost with Redis: the client is told (epoch_changed), then
+    gets the new epoch's trades from seq 1, with no other gap and no duplicate,
+    also across its own reconnect right after."""
+    own_redis.start()
+    gw = gateways(own_redis.url)
+    sym = fresh_symbols(1)
+
+    async def main():
+        async with GatewayClient(gw.url, sym, backoff_initial=0.05, backoff_max=0.2) as client:
+            col = Collector(client)
+            pub = Publisher(own_redis.port, sym)
+            pub.publish(5)
+            await col.until(lambda: len(col.trades(sym[0])) == 5, 10, "five trades")
+            old_epoch = col.of(Trade)[-1].epoch
+            await asyncio.to_thread(own_redis.restart)
+            await asyncio.to_thread(gw.wait_ready)
+            pub = Publisher(own_redis.port, sym)
+            await asyncio.to_thread(pub.publish, 5)
+            await col.until(lambda: len(col.trades(sym[0])) == 10, 10, "the new epoch's trades")
+            (gap,) = col.of(Gap)
+            new = [t for t in col.of(Trade) if t.epoch != old_epoch]
+            assert gap.reason == "epoch_changed" and gap.epoch == new[0].epoch != old_epoch
+            assert [t.seq for t in new] == [1, 2, 3, 4, 5]
+            # A reconnect now resumes in the new epoch.
+            await asyncio.to_thread(gw.stop)
+            gw.start()
+            await asyncio.to_thread(gw.wait_ready)
+            await asyncio.to_thread(pub.publish, 3)
+            await col.until(lambda: len(col.trades(sym[0])) == 13, 10, "after the reconnect")
+            assert [t.seq for t in col.of(Trade)][-8:] == [1, 2, 3, 4, 5, 6, 7, 8]
+            assert len(col.of(Gap)) == 1 and client.positions == {sym[0]: (new[0].epoch, 8)}
+    run(main())
