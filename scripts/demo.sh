@@ -60,13 +60,26 @@ echo "==> starting the candle service (1s, 1m, 5m candles; health on 127.0.0.1:$
 WS_HOST=127.0.0.1 WS_PORT="$CANDLES_PORT" "$VENV/bin/ws-gateway-candles" 2>"$RUN/candles.log" &
 pids+=($!)
 
-echo "==> starting the gateway"
+echo "==> starting the gateway (with its web page: WS_WEB_UI=on)"
+WS_HOST="${WS_HOST:-127.0.0.1}" WS_PORT="$WS_PORT" WS_STATS_INTERVAL="${WS_STATS_INTERVAL:-30}" \
+    WS_WEB_UI=on "$VENV/bin/ws-gateway" &
+pids+=($!)
+# The gateway's own start-up lines come first; the ways in are the last thing printed.
+for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$WS_PORT") 2>/dev/null && break
+    kill -0 "${pids[-1]}" 2>/dev/null || break
+    sleep 0.1
+done
+sleep 0.2
 echo
 echo "    connect to   ws://127.0.0.1:$WS_PORT"
 echo "    then send    {\"action\": \"subscribe\", \"symbols\": [\"AAPL\", \"MSFT\", \"AAPL@1m\"]}"
 echo "    e.g.         $VENV/bin/python -m websockets ws://127.0.0.1:$WS_PORT"
 echo
-WS_HOST="${WS_HOST:-127.0.0.1}" WS_PORT="$WS_PORT" WS_STATS_INTERVAL="${WS_STATS_INTERVAL:-30}" \
-    "$VENV/bin/ws-gateway" &
-pids+=($!)
+# .venv/bin/... as the README has it, when the environment is the default one.
+BIN="$VENV/bin"
+[ "$VENV" = "$ROOT/.venv" ] && BIN=".venv/bin"
+echo "    the web page:   http://127.0.0.1:$WS_PORT/"
+echo "    in a terminal:  $BIN/ws-gateway-tail ws://127.0.0.1:$WS_PORT AAPL MSFT AAPL@1m"
+echo
 wait "${pids[-1]}"

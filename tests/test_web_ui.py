@@ -376,6 +376,7 @@ async () => {
   second.push(candle(60000, 1, "final"));               // backfill: already delivered, dropped
   second.push(candle(120000, 9, "final"));              // changed meanwhile: a correction
   second.push(candle(180000, 1, "update"));
+  second.push(candle(300000, 1, "final"));              // 180000 and 240000 never came as finals
   const refused = client.subscribe(["BBB"]);
   second.push({ type: "error", message: "Cannot subscribe: would exceed maximum of 5 symbols per connection" });
   let refusal = null;
@@ -407,6 +408,7 @@ def test_client_module_resumes_deduplicates_and_reports_gaps(browser, redis_srv,
         ["candle", 180000, "update", None, None],
         ["gap", None, "trimmed", 4, 6], ["trade", 7, None, None, None],
         ["candle", 120000, "correction", None, None], ["candle", 180000, "update", None, None],
+        ["gap", None, "candles_missed", 180000, 240000], ["candle", 300000, "final", None, None],
     ]
     assert got["duplicates"] == 2
     assert got["pong"] == "pong"

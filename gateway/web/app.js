@@ -198,9 +198,17 @@ client.addEventListener("gap", (e) => {
   const what = document.createElement("div");
   what.className = "what";
   let range = "";
-  if (typeof g.from === "number") range = g.to === 0 && g.reason !== "epoch_changed" ? ` from seq ${g.from}` : ` seq ${g.from}–${g.to}`;
-  else if (typeof g.skipped === "number") range = ` ${g.skipped} skipped`;
-  const count = typeof g.from === "number" && g.to >= g.from ? ` (${g.to - g.from + 1} trades)` : "";
+  let count = "";
+  if (g.reason === "candles_missed") {
+    range = ` finals of ${fmtTime(g.from)}–${fmtTime(g.to)}`;      // interval starts, not seqs
+  } else if (g.from === 0 && g.to === 0) {
+    range = " (no trade of the new epoch lost)";
+  } else if (typeof g.from === "number") {
+    range = g.to === 0 && g.reason !== "epoch_changed" ? ` from seq ${g.from}` : ` seq ${g.from}–${g.to}`;
+    if (g.to >= g.from) count = ` (${g.to - g.from + 1} trades)`;
+  } else if (typeof g.skipped === "number") {
+    range = ` ${g.skipped} skipped`;
+  }
   what.textContent = `${g.symbol ?? "?"}${range}${count}: ${g.reason ?? "gap"}`;
   const detail = document.createElement("div");
   detail.className = "detail";

@@ -17,7 +17,10 @@
 //   trade  {symbol, data, seq, epoch, timestamp, receivedAt}   data: the published object
 //   candle {stream, symbol, interval, start, open, high, low, close, volume, trades, state,
 //           data, timestamp, receivedAt}                       state: update | final | correction
-//   gap    {symbol, epoch, from, to, reason, skipped, source}  source: "server" or "client"
+//   gap    {symbol, epoch, from, to, reason, skipped, source}  source: "server" or "client";
+//                                                              the client's reasons: "missing" (a seq
+//                                                              jump nobody announced), "epoch_changed",
+//                                                              "candles_missed" (from/to: starts in ms)
 //   state  {state: "connecting" | "open" | "closed", url, attempt, code, reason, retryIn,
 //           connectionId, serverId, maxSymbols}                retryIn: seconds, or null (stopped)
 //   error  {message, fatal}                                    a server error nobody asked for,
@@ -43,6 +46,12 @@ export function normalizeStream(text) {
 /** A candle stream ("AAPL@1m") rather than a trade symbol. */
 export function isCandleStream(stream) {
   return stream.includes("@");
+}
+
+/** "1m" -> 60000; null when not an interval. */
+export function intervalMs(interval) {
+  const m = /^([1-9][0-9]*)([smhd])$/.exec(String(interval));
+  return m ? Number(m[1]) * { s: 1000, m: 60000, h: 3600000, d: 86400000 }[m[2]] : null;
 }
 
 function candleKey(d) {
@@ -385,6 +394,7 @@ export class GatewayClient extends EventTarget {
       this._started.resolve(msg);
       this._started = null;
     }
+    for (const f of this.finals.values()) f.resumed = true;
     // One subscribe for every wanted stream, resuming trades where delivery stopped.
     const waiters = this._waitingForOpen;
     this._waitingForOpen = [];
@@ -474,7 +484,7 @@ export class GatewayClient extends EventTarget {
     let any = false;
     for (const s of list) {
       const p = this.points.get(s);
-      if (p && !isCandleStream(s)) {
+      if (p && p.seq !== null && p.epoch && !isCandleStream(s)) {
         since[s] = { epoch: p.epoch, seq: p.seq };
         any = true;
       }
@@ -488,7 +498,8 @@ export class GatewayClient extends EventTarget {
     if (symbol !== null && this.leaving.has(symbol)) return;   // unsubscribed, still in flight
     const { seq, epoch } = msg;
     if (symbol !== null && typeof seq === "number" && typeof epoch === "string") {
-      const p = this.points.get(symbol);
+      let p = this.points.get(symbol);
+      if (p && p.seq === null) p = null;     // where a loss ended is unknown: this trade is the baseline
       if (p && p.epoch === epoch) {
         if (seq <= p.seq) {                  // delivered already (a resume overlapping the live stream)
           this.duplicates += 1;
@@ -499,7 +510,7 @@ export class GatewayClient extends EventTarget {
         }
       } else if (p) {
         // A new epoch with no notice: this epoch's trades before this one are not known to us.
-        this._emitGap({ symbol, epoch, from: 1, to: seq - 1, reason: "epoch_changed",
+        this._emitGap({ symbol, epoch, from: seq > 1 ? 1 : 0, to: seq - 1, reason: "epoch_changed",
                         previousEpoch: p.epoch }, "client");
       }
       this.points.set(symbol, { epoch, seq });
@@ -511,12 +522,19 @@ export class GatewayClient extends EventTarget {
   _onGap(data) {
     const symbol = typeof data.symbol === "string" ? data.symbol : null;
     if (symbol !== null && this.leaving.has(symbol)) return;
-    if (symbol !== null && typeof data.epoch === "string" && typeof data.to === "number") {
-      // The server vouches for everything up to `to`: resume from there. An
-      // "unavailable" notice with to 0 does not know where the hole ends:
-      // the point stays, and the next trade names the hole exactly.
-      const unknownEnd = data.reason === "unavailable" && data.to === 0;
-      if (!unknownEnd) this.points.set(symbol, { epoch: data.epoch, seq: data.to });
+    if (symbol !== null && !isCandleStream(symbol)) {
+      const epoch = typeof data.epoch === "string" ? data.epoch : null;
+      if (typeof data.to === "number" && data.to > 0) {
+        // The gateway accounts for everything up to `to`: resume from there.
+        this.points.set(symbol, { epoch, seq: data.to });
+      } else if (data.reason === "epoch_changed") {
+        // Nothing of the new epoch is lost: it starts from 1.
+        if (epoch) this.points.set(symbol, { epoch, seq: 0 });
+        else this.points.delete(symbol);
+      } else if (this.points.has(symbol)) {
+        // Where the loss ends is not known ("unavailable", to 0): the next trade is the baseline.
+        this.points.set(symbol, { epoch, seq: null });
+      }
     }
     this._emitGap({ ...data }, "server");
   }
@@ -533,7 +551,7 @@ export class GatewayClient extends EventTarget {
     if (state === "final" || state === "correction") {
       let f = this.finals.get(stream);
       if (!f) {
-        f = { last: -Infinity, byStart: new Map() };
+        f = { last: -Infinity, byStart: new Map(), resumed: false };
         this.finals.set(stream, f);
       }
       const key = candleKey(d);
@@ -542,6 +560,15 @@ export class GatewayClient extends EventTarget {
         // A backfill after a reconnect repeats finals already delivered.
         if (seen === key) return;
         state = "correction";              // changed meanwhile: deliver it as the correction it is
+      }
+      if (f.resumed && state === "final" && d.start > f.last) {
+        // The first new final after a reconnect: did intervals go by that the backfill no longer holds?
+        f.resumed = false;
+        const step = intervalMs(d.interval);
+        if (step && d.start > f.last + step) {
+          this._emitGap({ symbol: stream, reason: "candles_missed", from: f.last + step,
+                          to: d.start - step }, "client");
+        }
       }
       f.byStart.set(d.start, key);
       if (d.start > f.last) f.last = d.start;
