@@ -253,6 +253,10 @@ SETTINGS: tuple[Setting, ...] = (
             "address the WebSocket server listens on"),
     Setting("port", "WS_PORT", "--port", "8080", _int(0, 65535),
             "WebSocket server port (0 picks a free one)"),
+    Setting("backlog", "WS_BACKLOG", "--backlog", "0", _int(0, 1 << 20),
+            "connections the kernel may hold waiting to be accepted (0: the system's "
+            "net.core.somaxconn); too small and a reconnect storm's SYNs are dropped and retried "
+            "after 1 s, 3 s, 7 s"),
     Setting("redis_url", "REDIS_URL", "--redis-url", "redis://127.0.0.1:6379", _str,
             "Redis to subscribe to: redis://[[user]:password@]host[:port][/db], rediss://..., unix:///path"),
     Setting("max_symbols", "WS_MAX_SYMBOLS", "--max-symbols", "5", _int(1, 10000),
@@ -316,6 +320,21 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+SOMAXCONN = "/proc/sys/net/core/somaxconn"
+
+
+def listen_backlog(configured: int, somaxconn: str = SOMAXCONN) -> int:
+    """The backlog to listen with: ``configured``, or (0) the kernel's cap,
+    which is also the most any listen() gets; 4096 where it cannot be read."""
+    if configured:
+        return configured
+    try:
+        with open(somaxconn) as f:
+            return max(1, int(f.read().strip()))
+    except (OSError, ValueError):
+        return 4096
+
+
 def check_prefixes(trade: str, candle: str) -> None:
     # One pattern must not match the other's channels, or a message would be
     # routed twice (or a candle taken for a trade).
@@ -328,6 +347,7 @@ def check_prefixes(trade: str, candle: str) -> None:
 class Config:
     host: str = "0.0.0.0"
     port: int = 8080
+    backlog: int = 0
     redis_url: str = "redis://127.0.0.1:6379"
     max_symbols: int = 5
     heartbeat_interval: float = 30.0

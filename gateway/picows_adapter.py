@@ -73,5 +73,5 @@ async def create_server(make_listener: Callable[[Any, str], Any], host: str, por
 
     # asyncio's default backlog of 100 overflows when clients reconnect all
     # at once, and every dropped SYN waits 1 s, 3 s... to be retried; the
-    # kernel caps this at net.core.somaxconn.
+    # kernel caps this at net.core.somaxconn (the gateway's WS_BACKLOG).
     return await loop.create_server(protocol_factory, host, port, ssl=ssl, backlog=backlog)

@@ -21,7 +21,7 @@ from picows import WSCloseCode, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeRe
 
 from . import candle_store, compression, fastpath, metrics, picows_adapter, protocol, sequencing
 from .access import AccessPolicy, Refusal
-from .config import Config, RedisTarget
+from .config import Config, RedisTarget, listen_backlog
 from .control import ControlHandler
 from .counters import Counters
 from .endpoints import Endpoints, http_answer, is_upgrade
@@ -158,6 +158,7 @@ class Gateway:
             ssl=c.ssl_context(),
             max_frame_size=c.max_message_size,
             read_buffer_init_size=READ_BUFFER_INIT_SIZE,
+            backlog=listen_backlog(c.backlog),
         )
         self.port = self.server.sockets[0].getsockname()[1]
         await self._load_library()
@@ -165,8 +166,9 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._heartbeat(), name="heartbeat"))
         self._tasks.append(loop.create_task(self.stats.run(c.stats_interval), name="stats"))
-        log.info("%s listening on %s://%s:%d (fast path: %s), Redis %s, patterns %s%s",
+        log.info("%s listening on %s://%s:%d (backlog %d, fast path: %s), Redis %s, patterns %s%s",
                  self.server_id, "wss" if c.tls_cert else "ws", c.host, self.port,
+                 listen_backlog(c.backlog),
                  "compiled" if self.impl.IS_COMPILED else "pure Python",
                  c.redis.describe(), " ".join(self.redis.patterns),
                  f" (candles: {', '.join(c.candle_intervals)})" if c.candle_intervals else "")

@@ -7,11 +7,13 @@ cases all fail configuration, so no server is ever started.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import subprocess
 
 import pytest
 
 from gateway import cli
-from gateway.config import SETTINGS, Config, ConfigError, RedisTarget, parse_redis_url
+from gateway.config import SETTINGS, Config, ConfigError, RedisTarget, listen_backlog, parse_redis_url
 
 BY_FIELD = {s.field: s for s in SETTINGS}
 SECRET = "hunter2-s3cret"
@@ -61,6 +63,7 @@ INT_BOUNDS = {
     "connect_burst": (0, None),
     "history_size": (1, 10_000_000),
     "candle_backfill": (0, 10000),
+    "backlog": (0, 1 << 20),
 }
 
 
@@ -549,3 +552,30 @@ def test_trade_and_candle_prefixes_must_not_overlap():
     for trade, candle in (("channel:", "channel:candle:"), ("channel:candle:x", "channel:candle:")):
         with pytest.raises(ConfigError, match="prefixes of each other"):
             Config.from_env({"WS_CHANNEL_PREFIX": trade, "WS_CANDLE_CHANNEL_PREFIX": candle})
+
+
+def test_backlog_zero_means_the_kernels_cap(tmp_path):
+    somaxconn = tmp_path / "somaxconn"
+    somaxconn.write_text("8192\n")
+    assert listen_backlog(0, str(somaxconn)) == 8192
+    assert listen_backlog(511, str(somaxconn)) == 511
+    assert listen_backlog(0, str(tmp_path / "missing")) == 4096
+
+
+def test_gateway_listens_with_the_backlog(redis_server, gateway_process):
+    """What the kernel holds for the listening socket (ss: Send-Q of a LISTEN
+    socket is its backlog): WS_BACKLOG, or somaxconn by default."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
+
+    def backlog(port: int) -> int:
+        out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return int(out[2])
+    a = gateway_process(WS_BACKLOG=321)
+    b = gateway_process()
+    a.wait_listening()
+    b.wait_listening()
+    assert backlog(a.port) == 321
+    assert backlog(b.port) == listen_backlog(0)
+
