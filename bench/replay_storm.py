@@ -188,20 +188,6 @@ def pct(sorted_vals: list[float], q: float) -> float | None:
     return sorted_vals[min(len(sorted_vals) - 1, int(q * len(sorted_vals)))]
 
 
-def listen_overflows() -> int | None:
-    """TcpExtListenOverflows (machine-wide): SYNs dropped because a listen
-    queue was full; the clients retry after 1 s, 3 s, 7 s."""
-    try:
-        lines = Path("/proc/net/netstat").read_text().splitlines()
-    except OSError:
-        return None
-    for head, vals in zip(lines[::2], lines[1::2], strict=False):
-        if head.startswith("TcpExt:"):
-            d = dict(zip(head.split()[1:], vals.split()[1:], strict=False))
-            return int(d["ListenOverflows"]) if "ListenOverflows" in d else None
-    return None
-
-
 def lc_problems(rep: dict, who: str) -> list[str]:
     probs = []
     for key in ("connect_failures", "upgrade_errors", "subscribe_errors", "server_closes",
@@ -238,7 +224,7 @@ def one_run(tools, redis: Redis, workdir: Path, sz: Sizes, epochs: dict[str, str
                           cpu=AUX_CPU, stdout=pub_f, log=workdir / "publisher.log")
         time.sleep(sz.warmup_s)
         sched0, cores0, rcpu0 = gw.schedstat(), procfs.core_times(), redis.cpu_s()
-        lo0 = listen_overflows()
+        lo0 = procfs.listen_overflows()
         t0 = time.time_ns()
         if storm:
             sl = LoadClient(tools["loadclient"], gw.port, storm_conn, deadline_s=30, run_s=20,
@@ -247,7 +233,7 @@ def one_run(tools, redis: Redis, workdir: Path, sz: Sizes, epochs: dict[str, str
                             extra=["-J", str(storm_subs), "-o", str(counts_path)])
             storm_rep = sl.finish(timeout=40)
         t_storm_end = time.time_ns()
-        lo1 = listen_overflows()
+        lo1 = procfs.listen_overflows()
         sched1, cores1 = gw.schedstat(), procfs.core_times()
         try:
             pub.wait(feed_s + 15)

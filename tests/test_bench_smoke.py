@@ -27,6 +27,7 @@ from gateway._testbase import ws as wire
 ROOT = Path(__file__).resolve().parent.parent
 FANOUT = ROOT / "bench" / "fanout.py"
 STORM = ROOT / "bench" / "replay_storm.py"
+CONNECT_STORM = ROOT / "bench" / "connect_storm.py"
 
 pytestmark = [
     pytest.mark.slow,
@@ -121,6 +122,21 @@ def test_replay_storm_smoke(tmp_path):
     assert storm["storm_loadclient"]["sampled_frames"] == storm["storm_expected"], report
     assert storm["gateway_counters"]["replays_total"] == storm["storm_clients"], report
     assert runs["quiet"]["ok"], report
+    assert proc.returncode == 0, report
+
+
+def test_connect_storm_smoke(tmp_path):
+    """bench/connect_storm.py at smoke size: with asyncio's old backlog and
+    with the gateway's default, every client connected and subscribed."""
+    out = tmp_path / "connect.json"
+    proc = subprocess.run([sys.executable, str(CONNECT_STORM), "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    report = proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert doc["harness_error"] is None, report
+    assert [r["backlog"] for r in doc["results"]] == [100, doc["meta"]["somaxconn"]], report
+    for r in doc["results"]:
+        assert r["ok"] and r["clients"] == 500 and r["connected_s"] > 0, report
     assert proc.returncode == 0, report
 
 

@@ -108,3 +108,18 @@ def tcp_peer_ports(local_port: int, states=(TCP_ESTABLISHED,)) -> set[int]:
             if state in states and int(local.rsplit(":", 1)[1], 16) == local_port:
                 out.add(int(remote.rsplit(":", 1)[1], 16))
     return out
+
+
+def listen_overflows() -> int | None:
+    """TcpExtListenOverflows of this network namespace (/proc/net/netstat):
+    SYNs dropped because a listen queue was full. Their clients retry after
+    1 s, 3 s, 7 s. None where it cannot be read."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for head, vals in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            d = dict(zip(head.split()[1:], vals.split()[1:], strict=False))
+            return int(d["ListenOverflows"]) if "ListenOverflows" in d else None
+    return None
