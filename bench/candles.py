@@ -67,7 +67,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -973,50 +972,28 @@ def main(argv=None) -> int:
     if args.candle_clients:
         sz.b_candle_clients = args.candle_clients
     repeat = args.repeat or (1 if args.smoke else 3)
-    if (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {AUX_CPU})
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-candles-"))
-    results: list[dict] = []
-    harness_error = None
-    t_start = time.monotonic()
     run_id = f"c{int(time.time()) % 100000}"
     tree = git_state()
     load0 = Path("/proc/loadavg").read_text().split()[:3]
     print(f"gateway code: {tree['commit']}" + (f" + uncommitted changes in {', '.join(tree['dirty'])}"
                                               if tree["dirty"] else ""), file=sys.stderr)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
-    try:
+    with fanout.BenchRun("gateway-bench-candles-", keep_workdir=args.keep_workdir) as run:
         tools = fanout.build_tools()
-        redis = fanout.Redis(workdir)
+        redis = fanout.Redis(run.workdir)
         redis_prepare(redis)
         if "a" in args.parts:
-            results += part_a(tools, redis, workdir, sz, run_id)
+            run.results += part_a(tools, redis, run.workdir, sz, run_id)
         if "b" in args.parts:
             retries = args.noisy_retries if args.noisy_retries is not None else (0 if args.smoke else 1)
-            results += part_b(tools, redis, workdir, sz, repeat, args.cases, retries)
-    except (HarnessError, KeyboardInterrupt) as e:
-        harness_error = str(e) or type(e).__name__
-        print(f"harness error: {harness_error}", file=sys.stderr)
-    finally:
-        fanout.PROCS.kill_all()
-        doc = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke,
-                        "argv": sys.argv[1:], "sizes": asdict(sz), "repeat": repeat,
-                        "ncpu": os.cpu_count(), **tree, "loadavg_start": load0,
-                        "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
-               "duration_s": time.monotonic() - t_start, "harness_error": harness_error,
-               "workdir": str(workdir), "results": results}
-        if args.out:
-            Path(args.out).write_text(json.dumps(doc, indent=1))
-        print(report(results, sz))
-        print(f"\ngateway code {tree['commit']}" + (f" + uncommitted {', '.join(tree['dirty'])}"
-                                                  if tree["dirty"] else "") +
-              f"; load average {' '.join(load0)} at start; {doc['duration_s']:.0f} s" +
-              (f"; results: {args.out}" if args.out else ""))
-        fanout.keep_or_remove_workdir(workdir, results, args.keep_workdir, harness_error)
-    return fanout.exit_status(results, harness_error)
+            run.results += part_b(tools, redis, run.workdir, sz, repeat, args.cases, retries)
+    meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke,
+            "argv": sys.argv[1:], "sizes": asdict(sz), "repeat": repeat,
+            "ncpu": os.cpu_count(), **tree, "loadavg_start": load0,
+            "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]}
+    footer = (f"gateway code {tree['commit']}" + (f" + uncommitted {', '.join(tree['dirty'])}"
+                                                 if tree["dirty"] else "") +
+              f"; load average {' '.join(load0)} at start; {run.duration_s:.0f} s")
+    return run.finish(meta, args.out, report(run.results, sz), footer)
 
 
 if __name__ == "__main__":

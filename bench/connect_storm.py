@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,14 +35,12 @@ sys.path.insert(0, str(BENCH))
 from fanout import (  # noqa: E402  (bench/fanout.py: processes, tools, Redis, Gateway)
     AUX_CPU,
     GATEWAY_CPU,
-    PROCS,
+    BenchRun,
     Gateway,
     HarnessError,
     LoadClient,
     Redis,
     build_tools,
-    exit_status,
-    keep_or_remove_workdir,
     procfs,
 )
 
@@ -133,44 +128,22 @@ def main(argv=None) -> int:
         backlogs = [int(b) or somaxconn for b in args.backlogs.split(",")]
     except ValueError:
         p.error(f"--backlogs must be whole numbers, got {args.backlogs!r}")
-    if (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {AUX_CPU})
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-connect-storm-"))
-    results: list[dict] = []
-    harness_error = None
-    t_start = time.monotonic()
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
-    try:
+    with BenchRun("gateway-connect-storm-", keep_workdir=args.keep_workdir) as run:
         tools = build_tools()
-        redis = Redis(workdir)
+        redis = Redis(run.workdir)
         for rep in range(args.repeat):
             for backlog in (backlogs if rep % 2 == 0 else backlogs[::-1]):
                 try:
-                    rec = one_run(tools, redis, workdir, clients, backlog, f"b{backlog}-{rep}")
+                    rec = one_run(tools, redis, run.workdir, clients, backlog, f"b{backlog}-{rep}")
                 except HarnessError as e:
                     rec = {"backlog": backlog, "clients": clients, "ok": False, "problems": [str(e)]}
-                results.append(rec)
+                run.results.append(rec)
                 print(f"[{'ok' if rec['ok'] else 'FAIL'}] backlog {backlog} rep {rep}: "
                       f"{f(rec.get('connected_s'))} s", file=sys.stderr)
-    except (HarnessError, KeyboardInterrupt) as e:
-        harness_error = str(e) or type(e).__name__
-        print(f"harness error: {harness_error}", file=sys.stderr)
-    finally:
-        PROCS.kill_all()
-        doc = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke,
-                        "somaxconn": somaxconn, "ncpu": os.cpu_count(),
-                        "pinning": {"gateway": GATEWAY_CPU, "redis+loadclient+harness": AUX_CPU}},
-               "duration_s": time.monotonic() - t_start, "harness_error": harness_error,
-               "results": results}
-        if args.out:
-            Path(args.out).write_text(json.dumps(doc, indent=1))
-        print(report(results, somaxconn))
-        print(f"\n({doc['duration_s']:.1f} s){'  results: ' + args.out if args.out else ''}")
-        keep_or_remove_workdir(workdir, results, args.keep_workdir, harness_error)
-    return exit_status(results, harness_error)
+    meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke,
+            "somaxconn": somaxconn, "ncpu": os.cpu_count(),
+            "pinning": {"gateway": GATEWAY_CPU, "redis+loadclient+harness": AUX_CPU}}
+    return run.finish(meta, args.out, report(run.results, somaxconn))
 
 
 if __name__ == "__main__":

@@ -1496,19 +1496,12 @@ def main(argv=None) -> int:
     sizes = SMOKE if args.smoke else Sizes()
     retries = args.noisy_retries if args.noisy_retries is not None else (0 if args.smoke else 1)
     # This script polls and parses on the auxiliary core, never on the gateway's.
-    if (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {AUX_CPU})
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    results: list[dict] = []
-    harness_error = None
-    t_start = time.monotonic()
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
+    bench = BenchRun("gateway-bench-", keep_workdir=args.keep_workdir)
+    results = bench.results
 
     trees = RevTrees()
-    try:
+    with bench:
+        workdir = bench.workdir
         tools = build_tools()
         for v in args.variants:
             src = REV_SOURCES.get(v)
@@ -1558,21 +1551,69 @@ def main(argv=None) -> int:
                 for v in order:
                     for scen in (unit if rep % 2 == 0 else list(reversed(unit))):
                         run_case(scen, v, rep)
-    except (HarnessError, KeyboardInterrupt) as e:
-        harness_error = str(e) or type(e).__name__
-        print(f"harness error: {harness_error}", file=sys.stderr)
-    finally:
+    trees.cleanup()
+    info = meta(args)
+    return bench.finish(info, args.out, markdown(results, info["revisions"]))
+
+
+class BenchRun:
+    """What every bench's main() does around its cases.
+
+        with BenchRun("gateway-bench-", keep_workdir=args.keep_workdir) as run:
+            run.results += ...          # records with "ok" (and "problems")
+            run.report = lambda: markdown(run.results)
+        ...
+        doc = run.doc(meta)             # after the with: JSON document of the run
+        return run.status
+
+    On entry: this process moves to the auxiliary core (the gateway's stays
+    free), a work dir is made, SIGTERM is raised as KeyboardInterrupt. On
+    exit: a HarnessError or an interrupt becomes ``harness_error`` (not an
+    exception), every child process is killed, and ``finish()`` writes the
+    JSON, prints the report and keeps the work dir when anything went wrong.
+    """
+
+    def __init__(self, prefix: str, *, keep_workdir: bool = False) -> None:
+        self.prefix, self.keep_workdir = prefix, keep_workdir
+        self.results: list[dict] = []
+        self.harness_error: str | None = None
+        self.workdir = Path()
+        self.t_start = time.monotonic()
+
+    def __enter__(self) -> BenchRun:
+        if (os.cpu_count() or 1) > 1:
+            os.sched_setaffinity(0, {AUX_CPU})
+        self.workdir = Path(tempfile.mkdtemp(prefix=self.prefix))
+
+        def on_term(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+        signal.signal(signal.SIGTERM, on_term)
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
         PROCS.kill_all()
-        trees.cleanup()
-        doc = {"meta": meta(args), "duration_s": time.monotonic() - t_start,
-               "harness_error": harness_error, "workdir": str(workdir), "results": results}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=1))
-        print(markdown(results, doc["meta"]["revisions"]))
-        print(f"\nresults: {out}  ({doc['duration_s']:.1f} s)")
-        keep_or_remove_workdir(workdir, results, args.keep_workdir, harness_error)
-    return exit_status(results, harness_error)
+        if isinstance(exc, HarnessError | KeyboardInterrupt):
+            self.harness_error = str(exc) or type(exc).__name__
+            print(f"harness error: {self.harness_error}", file=sys.stderr)
+            return True
+        return False
+
+    @property
+    def duration_s(self) -> float:
+        return time.monotonic() - self.t_start
+
+    def finish(self, meta: dict, out: str | Path | None, report: str, footer: str = "") -> int:
+        """Write the JSON document (when ``out``), print ``report`` and a
+        footer line, keep or remove the work dir; the exit status."""
+        doc = {"meta": meta, "duration_s": self.duration_s, "harness_error": self.harness_error,
+               "workdir": str(self.workdir), "results": self.results}
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(doc, indent=1))
+        print(report)
+        print(f"\n{footer or f'({self.duration_s:.1f} s)'}" + (f"  results: {out}" if out else ""))
+        keep_or_remove_workdir(self.workdir, self.results, self.keep_workdir, self.harness_error)
+        return exit_status(self.results, self.harness_error)
 
 
 def keep_or_remove_workdir(workdir: Path, results: list[dict], keep: bool, harness_error) -> None:

@@ -55,9 +55,7 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,14 +69,13 @@ from fanout import (  # noqa: E402
     AUX_CPU,
     GATEWAY_CPU,
     PROCS,
+    BenchRun,
     Gateway,
     HarnessError,
     LoadClient,
     Redis,
     build_tools,
     client_symbols,
-    exit_status,
-    keep_or_remove_workdir,
     per_symbol_counts,
     procfs,
     scrape_metrics,
@@ -380,17 +377,8 @@ def main(argv=None) -> int:
     sz.inflight = args.inflight
     if args.live_rate:
         sz.live_rate = args.live_rate
-    if (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {AUX_CPU})
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-storm-"))
-    results: list[dict] = []
-    harness_error = None
-    t_start = time.monotonic()
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
-    try:
+    with BenchRun("gateway-storm-", keep_workdir=args.keep_workdir) as run:
+        workdir, results = run.workdir, run.results
         tools = build_tools()
         redis = Redis(workdir)
         t = time.monotonic()
@@ -408,23 +396,10 @@ def main(argv=None) -> int:
                 rec["repeat"] = rep
                 results.append(rec)
                 print(f"[{'ok' if rec['ok'] else 'FAIL'}] {name} rep {rep}", file=sys.stderr)
-    except (HarnessError, KeyboardInterrupt) as e:
-        harness_error = str(e) or type(e).__name__
-        print(f"harness error: {harness_error}", file=sys.stderr)
-    finally:
-        PROCS.kill_all()
-        doc = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke,
-                        "sizes": asdict(sz), "ncpu": os.cpu_count(),
-                        "pinning": {"gateway": GATEWAY_CPU,
-                                    "redis+publisher+loadclients+harness": AUX_CPU}},
-               "duration_s": time.monotonic() - t_start, "harness_error": harness_error,
-               "results": results}
-        if args.out:
-            Path(args.out).write_text(json.dumps(doc, indent=1))
-        print(report(results, sz))
-        print(f"\n({doc['duration_s']:.1f} s){'  results: ' + args.out if args.out else ''}")
-        keep_or_remove_workdir(workdir, results, args.keep_workdir, harness_error)
-    return exit_status(results, harness_error)
+    meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke,
+            "sizes": asdict(sz), "ncpu": os.cpu_count(),
+            "pinning": {"gateway": GATEWAY_CPU, "redis+publisher+loadclients+harness": AUX_CPU}}
+    return run.finish(meta, args.out, report(run.results, sz))
 
 
 if __name__ == "__main__":

@@ -218,6 +218,16 @@ class Collector:
                 raise AssertionError(f"not {what} within {timeout:g} s; last events: {self.events[-5:]}")
             await asyncio.sleep(0.02)
 
+    async def reconnected(self, n: int, what: str) -> None:
+        """Until the client's n-th reconnect is up; then a moment of live trades."""
+        await self.until(lambda: self.client.reconnects >= n and self.client.connected, 10, what)
+        await asyncio.sleep(0.3)
+
+    async def publisher_done(self, pub: Publisher) -> None:
+        """Stop ``pub`` and wait until every seq it published was delivered or announced lost."""
+        pub.stop()
+        await self.caught_up(pub)
+
     async def caught_up(self, pub: Publisher, timeout: float = 20) -> None:
         await self.until(lambda: all(self.covered(s) >= pub.published[s] for s in pub.symbols),
                          timeout, f"caught up with {pub.published}")
@@ -243,6 +253,19 @@ def exactly_once(col: Collector, symbol: str, last: int) -> None:
 
 def run(coro) -> None:
     asyncio.run(asyncio.wait_for(coro, 90))
+
+
+@pytest.fixture
+def publishers():
+    """``publishers(port, symbols, **kw)``: a Publisher, stopped after the test."""
+    made: list[Publisher] = []
+
+    def make(port: int, symbols: list[str], **kw) -> Publisher:
+        made.append(Publisher(port, symbols, **kw))
+        return made[-1]
+    yield make
+    for p in made:
+        p.stop()
 
 
 @needs_redis_server
@@ -276,12 +299,12 @@ def test_requests_return_the_gateway_reply(redis_server, gateways):
 
 
 @needs_redis_server
-def test_sigterm_reconnects_at_once_and_resumes(redis_server, gateways):
+def test_sigterm_reconnects_at_once_and_resumes(redis_server, gateways, publishers):
     """1001 from a gateway shutting down: the client goes straight to the other
     instance (no backoff) and resumes with nothing lost or repeated."""
     a, b = gateways(redis_server.url), gateways(redis_server.url)
     sym = fresh_symbols(1)
-    pub = Publisher(redis_server.port, sym, rate=300)
+    pub = publishers(redis_server.port, sym, rate=300)
 
     async def main():
         async with GatewayClient([a.url, b.url], sym, backoff_initial=5.0) as client:
@@ -292,28 +315,24 @@ def test_sigterm_reconnects_at_once_and_resumes(redis_server, gateways):
             await col.until(lambda: col.of(Connected)[-1:] and col.of(Connected)[-1].reconnect, 10,
                             "reconnected")
             await asyncio.sleep(0.3)
-            pub.stop()
-            await col.caught_up(pub)
+            await col.publisher_done(pub)
             (gone,) = col.of(Disconnected)
             assert (gone.code, gone.retry_in) == (1001, 0.0)
             assert col.of(Connected)[-1].url == b.url and client.reconnects == 1
             exactly_once(col, sym[0], pub.published[sym[0]])
-    try:
-        run(main())
-    finally:
-        pub.stop()
+    run(main())
 
 
 @pytest.mark.slow
 @needs_redis_server
-def test_killed_restarted_and_replaced_gateways_lose_nothing(redis_server, gateways):
+def test_killed_restarted_and_replaced_gateways_lose_nothing(redis_server, gateways, publishers):
     """SIGKILL under the client, a new instance on the same port, then the
     other instance replaced: two symbols published throughout, each delivered
     exactly once in order."""
     a = gateways(redis_server.url)
     b = gateways(redis_server.url)
     syms = fresh_symbols(2)
-    pub = Publisher(redis_server.port, syms, rate=400)
+    pub = publishers(redis_server.port, syms, rate=400)
 
     async def main():
         async with GatewayClient([a.url, b.url], syms, backoff_initial=0.05, backoff_max=0.5) as client:
@@ -321,37 +340,30 @@ def test_killed_restarted_and_replaced_gateways_lose_nothing(redis_server, gatew
             pub.start()
             await col.until(lambda: len(col.trades(syms[0])) > 50, 10, "trades")
             a.send_signal(signal.SIGKILL)                 # no close frame at all
-            await col.until(lambda: client.reconnects >= 1 and client.connected, 10, "on b")
-            await asyncio.sleep(0.3)
+            await col.reconnected(1, "on b")
             a.start()                                     # a new instance on a's port
             await asyncio.to_thread(a.wait_ready)
             b.send_signal(signal.SIGKILL)
-            await col.until(lambda: client.reconnects >= 2 and client.connected, 10, "back on a")
-            await asyncio.sleep(0.3)
+            await col.reconnected(2, "back on a")
             b.start()
             await asyncio.to_thread(b.wait_ready)
             await asyncio.to_thread(a.stop)               # replaced: a goes away cleanly (1001)
-            await col.until(lambda: client.reconnects >= 3 and client.connected, 10, "on b again")
-            await asyncio.sleep(0.3)
-            pub.stop()
-            await col.caught_up(pub)
+            await col.reconnected(3, "on b again")
+            await col.publisher_done(pub)
             for s in syms:
                 exactly_once(col, s, pub.published[s])
             assert [e.url for e in col.of(Connected)] == [a.url, b.url, a.url, b.url]
             assert [d.code for d in col.of(Disconnected)] == [None, None, 1001]
-    try:
-        run(main())
-    finally:
-        pub.stop()
+    run(main())
 
 
 @pytest.mark.slow
 @needs_redis_server
-def test_outage_longer_than_the_history_is_an_exact_gap(own_redis, gateways):
+def test_outage_longer_than_the_history_is_an_exact_gap(own_redis, gateways, publishers):
     own_redis.start()
     gw = gateways(own_redis.url, WS_HISTORY_SIZE=20)
     sym = fresh_symbols(1)
-    pub = Publisher(own_redis.port, sym)
+    pub = publishers(own_redis.port, sym)
 
     async def main():
         async with GatewayClient(gw.url, sym, backoff_initial=0.05, backoff_max=0.2) as client:
@@ -374,12 +386,12 @@ def test_outage_longer_than_the_history_is_an_exact_gap(own_redis, gateways):
 
 @pytest.mark.slow
 @needs_redis_server
-def test_mute_gateway_is_left_for_another(redis_server, gateways):
+def test_mute_gateway_is_left_for_another(redis_server, gateways, publishers):
     """A gateway frozen with SIGSTOP keeps its TCP connections open and says
     nothing: after mute_timeout the client moves to the other instance."""
     a, b = gateways(redis_server.url), gateways(redis_server.url)
     sym = fresh_symbols(1)
-    pub = Publisher(redis_server.port, sym, rate=100)
+    pub = publishers(redis_server.port, sym, rate=100)
 
     async def main():
         async with GatewayClient([a.url, b.url], sym, mute_timeout=1.0, open_timeout=1.0,
@@ -395,14 +407,10 @@ def test_mute_gateway_is_left_for_another(redis_server, gateways):
                 a.send_signal(signal.SIGCONT)
             assert 0.9 < time.monotonic() - t0 < 4
             await asyncio.sleep(0.3)
-            pub.stop()
-            await col.caught_up(pub)
+            await col.publisher_done(pub)
             exactly_once(col, sym[0], pub.published[sym[0]])
             assert col.of(Connected)[-1].url == b.url
-    try:
-        run(main())
-    finally:
-        pub.stop()
+    run(main())
 
 
 @pytest.mark.slow
@@ -442,10 +450,10 @@ def test_refusals_are_typed(redis_server, gateways):
 
 @pytest.mark.slow
 @needs_redis_server
-def test_expired_token_is_refreshed_and_the_stream_resumes(redis_server, gateways):
+def test_expired_token_is_refreshed_and_the_stream_resumes(redis_server, gateways, publishers):
     gw = gateways(redis_server.url, WS_JWT_SECRET=SECRET)
     sym = fresh_symbols(1)
-    pub = Publisher(redis_server.port, sym, rate=200)
+    pub = publishers(redis_server.port, sym, rate=200)
 
     def token(seconds: float) -> str:
         return jwt.encode({"sub": "u1", "exp": int(time.time() + seconds)}, SECRET, "HS256")
@@ -467,28 +475,24 @@ def test_expired_token_is_refreshed_and_the_stream_resumes(redis_server, gateway
             await col.until(lambda: refreshed and client.reconnects == 1 and client.connected, 10,
                             "refreshed")
             await asyncio.sleep(0.3)
-            pub.stop()
-            await col.caught_up(pub)
+            await col.publisher_done(pub)
             seqs = col.trades(sym[0])
             assert seqs == list(range(seqs[0], pub.published[sym[0]] + 1))
             (gone,) = col.of(Disconnected)
             assert (gone.code, gone.reason, gone.retry_in) == (1008, "token expired", 0.0)
-    try:
-        run(main())
-    finally:
-        pub.stop()
+    run(main())
 
 
 @pytest.mark.slow
 @needs_redis_server
-def test_application_behind_is_told_and_loses_nothing(redis_server, gateways):
+def test_application_behind_is_told_and_loses_nothing(redis_server, gateways, publishers):
     """The application stops reading while 30 MB of trades arrive: the client
     queues max_queue, says Overflow, stops reading; the gateway drops it as a
     slow consumer; once the application reads again the client resumes from
     the history. Every trade exactly once."""
     gw = gateways(redis_server.url, WS_MAX_BUFFERED_BYTES=65536)
     sym = fresh_symbols(1)
-    pub = Publisher(redis_server.port, sym, pad=20_000)
+    pub = publishers(redis_server.port, sym, pad=20_000)
 
     async def main():
         # Uncompressed: the padding would deflate to nothing.
@@ -508,10 +512,10 @@ def test_application_behind_is_told_and_loses_nothing(redis_server, gateways):
 
 @pytest.mark.slow
 @needs_redis_server
-def test_overflow_can_raise(redis_server, gateways):
+def test_overflow_can_raise(redis_server, gateways, publishers):
     gw = gateways(redis_server.url)
     sym = fresh_symbols(1)
-    pub = Publisher(redis_server.port, sym)
+    pub = publishers(redis_server.port, sym)
 
     async def main():
         async with GatewayClient(gw.url, sym, max_queue=10, on_overflow="raise") as client:
@@ -546,7 +550,7 @@ def test_unreadable_messages_do_not_end_the_client(redis_server, gateways):
 
 @pytest.mark.slow
 @needs_redis_server
-def test_redis_restarted_without_persistence_is_an_epoch_change(own_redis, gateways):
+def test_redis_restarted_without_persistence_is_an_epoch_change(own_redis, gateways, publishers):
     """The history is lost with Redis: the client is told (epoch_changed), then
     gets the new epoch's trades from seq 1, with no other gap and no duplicate,
     also across its own reconnect right after."""
@@ -557,13 +561,13 @@ def test_redis_restarted_without_persistence_is_an_epoch_change(own_redis, gatew
     async def main():
         async with GatewayClient(gw.url, sym, backoff_initial=0.05, backoff_max=0.2) as client:
             col = Collector(client)
-            pub = Publisher(own_redis.port, sym)
+            pub = publishers(own_redis.port, sym)
             pub.publish(5)
             await col.until(lambda: len(col.trades(sym[0])) == 5, 10, "five trades")
             old_epoch = col.of(Trade)[-1].epoch
             await asyncio.to_thread(own_redis.restart)
             await asyncio.to_thread(gw.wait_ready)
-            pub = Publisher(own_redis.port, sym)
+            pub = publishers(own_redis.port, sym)
             await asyncio.to_thread(pub.publish, 5)
             await col.until(lambda: len(col.trades(sym[0])) == 10, 10, "the new epoch's trades")
             (gap,) = col.of(Gap)
