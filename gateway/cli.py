@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ws-gateway: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level)
+    if config.workers > 1:
+        from .supervisor import run as supervise
+        return supervise(config.workers, sys.argv[1:] if argv is None else argv, config.host, config.port)
     from .server import run  # imported late: --help and config errors stay fast
     return run(config)
 

@@ -107,6 +107,12 @@ def _float(lo: float) -> Callable[[str, str], float]:
     return conv
 
 
+def _workers(name: str, text: str) -> int:
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return _int(1, 1024)(name, text)
+
+
 def _choice(*options: str) -> Callable[[str, str], str]:
     def conv(name: str, text: str) -> str:
         value = text.strip().lower()
@@ -253,6 +259,9 @@ SETTINGS: tuple[Setting, ...] = (
             "address the WebSocket server listens on"),
     Setting("port", "WS_PORT", "--port", "8080", _int(0, 65535),
             "WebSocket server port (0 picks a free one)"),
+    Setting("workers", "WS_WORKERS", "--workers", "1", _workers,
+            "gateway processes sharing the port (SO_REUSEPORT), each with its own Redis "
+            "subscription; 'auto' = one per core this process may run on"),
     Setting("backlog", "WS_BACKLOG", "--backlog", "0", _int(0, 1 << 20),
             "connections the kernel may hold waiting to be accepted (0: the system's "
             "net.core.somaxconn); too small and a reconnect storm's SYNs are dropped and retried "
@@ -347,6 +356,7 @@ def check_prefixes(trade: str, candle: str) -> None:
 class Config:
     host: str = "0.0.0.0"
     port: int = 8080
+    workers: int = 1
     backlog: int = 0
     redis_url: str = "redis://127.0.0.1:6379"
     max_symbols: int = 5

@@ -6,8 +6,14 @@ the fan-out nothing.
 """
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from .counters import Counters
 
@@ -110,6 +116,66 @@ def make_registry(counters: Counters) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(counters))
     return registry
+
+
+class WorkersCollector:
+    """With ``--workers``: every worker's series on every worker's /metrics,
+    each labelled ``worker``.
+
+    A scrape reaches whichever worker the kernel hands the connection to, and
+    /metrics is answered synchronously in the upgrade handler, so workers do
+    not ask each other: each writes its own exposition to the shared
+    directory once a second (and when scraped), and a scrape merges the
+    files. Another worker's figures are therefore up to about a second old;
+    ``gateway_worker_metrics_age_seconds`` says how old.
+    """
+
+    INTERVAL = 1.0
+
+    def __init__(self, own: CollectorRegistry, index: int, directory: str):
+        self.own, self.index, self.directory = own, index, Path(directory)
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"worker-{index}.prom"
+
+    def write(self) -> None:
+        """This worker's metrics to its file (atomically: readers never see half)."""
+        tmp = self.directory / f".worker-{self.index}.{os.getpid()}.tmp"
+        tmp.write_bytes(generate_latest(self.own))
+        tmp.replace(self.path(self.index))
+
+    def collect(self):
+        self.write()
+        merged: dict[str, Metric] = {}
+        ages = GaugeMetricFamily("gateway_worker_metrics_age_seconds",
+                                 "Age of each worker's figures in this answer", labels=["worker"])
+        now = time.time()
+        for path in sorted(self.directory.glob("worker-*.prom")):
+            worker = path.stem.removeprefix("worker-")
+            try:
+                text = path.read_text()
+                mtime = path.stat().st_mtime
+            except OSError:                         # a worker replacing its file just now
+                continue
+            ages.add_metric([worker], max(0.0, now - mtime))
+            for family in text_string_to_metric_families(text):
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(family.name, family.documentation, family.type)
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "worker": worker}, sample.value)
+        yield from merged.values()
+        yield ages
+
+
+def make_worker_registry(counters: Counters, index: int, directory: str
+                         ) -> tuple[CollectorRegistry, WorkersCollector]:
+    """The registry /metrics renders in a worker, and the collector whose
+    write() the worker calls every WorkersCollector.INTERVAL."""
+    workers = WorkersCollector(make_registry(counters), index, directory)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(workers)
+    return registry, workers
 
 
 def render(registry: CollectorRegistry) -> bytes:

@@ -44,7 +44,8 @@ def peer_ip(proto) -> str:
 
 async def create_server(make_listener: Callable[[Any, str], Any], host: str, port: int, *,
                         ssl=None, max_frame_size: int, read_buffer_init_size: int,
-                        handshake_timeout: float = 5.0, backlog: int = 4096) -> asyncio.Server:
+                        handshake_timeout: float = 5.0, backlog: int = 4096,
+                        reuse_port: bool = False) -> asyncio.Server:
     """``make_listener(request, peer_ip)`` returns what a picows factory may return."""
     check_version()
     loop = asyncio.get_running_loop()
@@ -74,4 +75,5 @@ async def create_server(make_listener: Callable[[Any, str], Any], host: str, por
     # asyncio's default backlog of 100 overflows when clients reconnect all
     # at once, and every dropped SYN waits 1 s, 3 s... to be retried; the
     # kernel caps this at net.core.somaxconn (the gateway's WS_BACKLOG).
-    return await loop.create_server(protocol_factory, host, port, ssl=ssl, backlog=backlog)
+    return await loop.create_server(protocol_factory, host, port, ssl=ssl, backlog=backlog,
+                                    reuse_port=reuse_port or None)

@@ -29,6 +29,7 @@ from .redis_reader import RedisSubscriber
 from .replay import Replayer
 from .session import Hub, Session, SessionPolicy, abort, on_slow_consumer
 from .stats import Stats
+from .supervisor import WorkerInfo
 
 log = logging.getLogger("gateway")
 
@@ -47,6 +48,10 @@ class Gateway:
         self.config = config
         self.impl = impl or fastpath.impl
         self.server_id = new_server_id()
+        # One of several processes on the port (ws-gateway --workers N)?
+        self.worker = WorkerInfo.from_env()
+        if self.worker is not None:
+            self.server_id += f"-w{self.worker.index}"
         self.table = self.impl.SymbolTable(config.channel_prefix.encode(),
                                            config.candle_channel_prefix.encode())
         self.fanout = self.impl.FanOut(self.table, max_buffered=config.max_buffered_bytes,
@@ -78,9 +83,14 @@ class Gateway:
         self.hub.replayer = self.replayer
         self.counters.replayer = self.replayer
         self.counters.redis = self.redis
+        self.worker_metrics: metrics.WorkersCollector | None = None
+        if self.worker is not None:
+            registry, self.worker_metrics = metrics.make_worker_registry(
+                self.counters, self.worker.index, self.worker.directory)
+        else:
+            registry = metrics.make_registry(self.counters)
         self.stats = Stats(self.counters, self.server_id)
-        self.endpoints = Endpoints(self.server_id, self._not_ready,
-                                   metrics.make_registry(self.counters), web_ui=config.web_ui)
+        self.endpoints = Endpoints(self.server_id, self._not_ready, registry, web_ui=config.web_ui)
         self.server: asyncio.Server | None = None
         self.port: int | None = None
         self._tasks: list[asyncio.Task] = []
@@ -159,6 +169,7 @@ class Gateway:
             max_frame_size=c.max_message_size,
             read_buffer_init_size=READ_BUFFER_INIT_SIZE,
             backlog=listen_backlog(c.backlog),
+            reuse_port=self.worker is not None,
         )
         self.port = self.server.sockets[0].getsockname()[1]
         await self._load_library()
@@ -166,12 +177,23 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._heartbeat(), name="heartbeat"))
         self._tasks.append(loop.create_task(self.stats.run(c.stats_interval), name="stats"))
+        if self.worker_metrics is not None:
+            self._tasks.append(loop.create_task(self._write_worker_metrics(), name="worker-metrics"))
         log.info("%s listening on %s://%s:%d (backlog %d, fast path: %s), Redis %s, patterns %s%s",
                  self.server_id, "wss" if c.tls_cert else "ws", c.host, self.port,
                  listen_backlog(c.backlog),
                  "compiled" if self.impl.IS_COMPILED else "pure Python",
                  c.redis.describe(), " ".join(self.redis.patterns),
                  f" (candles: {', '.join(c.candle_intervals)})" if c.candle_intervals else "")
+
+    async def _write_worker_metrics(self) -> None:
+        assert self.worker_metrics is not None
+        while True:
+            try:
+                self.worker_metrics.write()
+            except OSError as exc:           # the supervisor's directory went away
+                log.warning("cannot write this worker's metrics: %s", exc)
+            await asyncio.sleep(metrics.WorkersCollector.INTERVAL)
 
     async def _heartbeat(self) -> None:
         # One timer for every connection, not a task each.

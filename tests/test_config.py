@@ -64,6 +64,7 @@ INT_BOUNDS = {
     "history_size": (1, 10_000_000),
     "candle_backfill": (0, 10000),
     "backlog": (0, 1 << 20),
+    "workers": (1, 1024),
 }
 
 

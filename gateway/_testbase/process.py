@@ -7,7 +7,6 @@ kill() it (or use it as a context manager); nothing reaps it otherwise.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import resource
 import shutil
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 from typing import TypedDict
 
+from gateway.supervisor import die_with_parent
+
 from . import procfs
 from .net import HOST, HarnessError, free_port, port_open, try_http_get
 
@@ -27,19 +28,6 @@ from .net import HOST, HarnessError, free_port, port_open, try_http_get
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent.parent
 
 TRACEBACK = "Traceback (most recent call last)"
-
-
-def die_with_parent() -> None:
-    """In a child (preexec_fn, or first thing in a forked process): SIGKILL it
-    when its parent dies, however the parent dies (a test timeout SIGKILLs the
-    harness and runs no cleanup).
-
-    Linux ties this to the *thread* that forked the child: if that thread
-    exits, the child is killed too. Start such children from a thread that
-    lives as long as they should.
-    """
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 _set_pdeathsig = die_with_parent  # spawn()'s parameter of the same name hides it
