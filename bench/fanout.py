@@ -89,6 +89,10 @@ GATEWAY_CPU = 0
 AUX_CPU = 1
 CHANNEL_PREFIX = "channel:trade:"
 ALL_VARIANTS = ["compiled", "purepy", "baseline"]
+# Not in the default run: the compiled gateway as `ws-gateway --workers 2`,
+# unpinned (its workers, the load client and Redis share both cores).
+WORKERS_VARIANT = "workers"
+KNOWN_VARIANTS = [*ALL_VARIANTS, WORKERS_VARIANT]
 # Kinds that can also run from another git revision (KIND@REV).  The baseline
 # is bench code, not the gateway: it has no revision to compare.
 REV_KINDS = ("compiled", "purepy")
@@ -267,8 +271,8 @@ def parse_variant(spec: str) -> tuple[str, str | None]:
     """`compiled` -> ("compiled", None); `compiled@main` -> ("compiled", "main").
     Raises ValueError for an unknown kind, an empty revision or `baseline@REV`."""
     kind, sep, rev = spec.partition("@")
-    if kind not in ALL_VARIANTS:
-        raise ValueError(f"unknown variant {spec!r} (kinds: {', '.join(ALL_VARIANTS)})")
+    if kind not in KNOWN_VARIANTS:
+        raise ValueError(f"unknown variant {spec!r} (kinds: {', '.join(KNOWN_VARIANTS)})")
     if not sep:
         return kind, None
     if kind not in REV_KINDS:
@@ -370,7 +374,7 @@ def variant_available(variant: str) -> tuple[bool, str]:
     kind = variant_kind(variant)
     if kind == "baseline":
         return True, ""
-    probe = ("import gateway._fastpath" if kind == "compiled" else "import gateway")
+    probe = ("import gateway._fastpath" if kind in ("compiled", WORKERS_VARIANT) else "import gateway")
     probe += "; import gateway as g; print(g.__file__)"
     cwd, extra = gateway_source(variant)
     env = dict(os.environ)
@@ -434,11 +438,14 @@ class Gateway:
             argv = [sys.executable, "-m", "gateway"]
             if kind == "purepy":
                 env["GATEWAY_NO_EXTENSIONS"] = "1"
+        self.workers = 2 if kind == WORKERS_VARIANT else 1
+        if self.workers > 1:
+            env["WS_WORKERS"] = str(self.workers)
         if redis.numpat() != 0:
             raise HarnessError("a previous gateway still holds its Redis pattern")
         self.gp = GatewayProcess(redis.url, log_path=self.log, env=env, argv=argv, cwd=cwd,
-                                 cpu=GATEWAY_CPU, new_group=True, die_with_parent=True,
-                                 nofile=nofile)
+                                 cpu=GATEWAY_CPU if self.workers == 1 else None, new_group=True,
+                                 die_with_parent=True, nofile=nofile)
         self.port = self.gp.port
         self.proc = self.gp.start().proc
         PROCS.live.append(self.proc)
@@ -446,7 +453,7 @@ class Gateway:
         # Ready = accepting TCP and PSUBSCRIBEd (else the first trades are lost);
         # the baseline has no /readyz, so not GatewayProcess.wait_ready().
         deadline = time.monotonic() + 20
-        while not (port_open(self.port, timeout=0.5) and redis.numpat() >= 1):
+        while not (port_open(self.port, timeout=0.5) and redis.numpat() >= 1 and self._workers_ready()):
             if not self.alive():
                 raise HarnessError(f"{variant} gateway exited with {self.proc.returncode} "
                                    f"at startup:\n{self.log_tail()}")
@@ -459,17 +466,38 @@ class Gateway:
             if so is None or not Path(so).resolve().is_relative_to(cwd.resolve()):
                 raise HarnessError(f"{variant} gateway loaded {so}, not {cwd}'s fast path")
 
+    def _workers_ready(self) -> bool:
+        """Every worker subscribed (one alone: what NUMPAT said already)."""
+        if self.workers == 1:
+            return True
+        m = scrape_metrics(self.port) or {}
+        return sum(v for k, v in m.items() if k.startswith("gateway_redis_ready{")) == self.workers
+
+    def pids(self) -> list[int]:
+        """The gateway's processes: itself, and with workers its children."""
+        if self.workers == 1:
+            return [self.pid]
+        with contextlib.suppress(OSError):
+            kids = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+            return [self.pid, *map(int, kids)]
+        return [self.pid]
+
     def alive(self) -> bool:
         return self.gp.alive()
 
     def cpu_s(self) -> float:
-        return proc_cpu_s(self.pid)
+        return sum(proc_cpu_or_zero(p) for p in self.pids())
 
     def rss_kib(self) -> int:
-        return proc_rss_kib(self.pid)
+        return sum(proc_rss_kib(p) for p in self.pids())
 
     def schedstat(self) -> tuple[int, int] | None:
-        return self.gp.schedstat()
+        if self.workers == 1:
+            return self.gp.schedstat()
+        stats = [procfs.schedstat(p) for p in self.pids()]
+        if any(s is None for s in stats):
+            return None
+        return sum(s[0] for s in stats if s), sum(s[1] for s in stats if s)
 
     def log_tail(self, n: int = 15) -> str:
         return self.gp.log_tail(n)
@@ -894,6 +922,14 @@ def sequenced_check(port: int, expected: int) -> tuple[list[str], dict | None]:
     m = scrape_metrics(port, timeout=5.0)
     if m is None:
         return [], None     # a revision without /metrics: nothing to check
+    workers = {k: v for k, v in m.items() if k.startswith(SEQ_COUNTERS[0] + "{worker=")}
+    if workers:
+        # ws-gateway --workers: every worker takes every trade; check each,
+        # report the sum of the others' counters.
+        probs = [f"{k}: {v:.0f} sequenced trades, {expected} published" for k, v in workers.items()
+                 if v != expected]
+        got = {k: sum(v for key, v in m.items() if key.startswith(k + "{")) for k in SEQ_COUNTERS}
+        return probs + [f"{k}={got[k]:.0f}" for k in SEQ_COUNTERS[1:] if got[k]], got
     got = {k: m.get(k) for k in SEQ_COUNTERS}
     if got["gateway_sequenced_messages_total"] is None:
         return ([f"gateway counted no sequenced trades, {expected} published"] if expected
