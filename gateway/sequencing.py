@@ -10,9 +10,11 @@ The Redis side is the function library ``ws_gateway`` (gateway/trades.lua):
   ``[epoch, first, last, seq1, d1, ...]`` (see parse_history()).
 
 A symbol's seq starts at 1 in each epoch; a new epoch starts when the
-symbol's keys are missing (a new symbol, or Redis lost them), so
-(epoch, seq) never repeats. Keys: ``ws-gateway:{<symbol>}:meta`` (hash: epoch,
-seq) and ``ws-gateway:{<symbol>}:history`` (stream of ``<seq>-0`` entries with
+symbol's keys are missing (a new symbol, or Redis lost them) or were made on
+another master (a failover promoted a replica, which may lack what the old
+master acknowledged last), so (epoch, seq) never repeats. Keys:
+``ws-gateway:{<symbol>}:meta`` (hash: epoch, seq, rid: the replication ID of
+the master that made the epoch) and ``ws-gateway:{<symbol>}:history`` (stream of ``<seq>-0`` entries with
 one field ``d``), one Cluster slot per symbol.
 
 ``ws-gateway-functions load`` loads the library (as deployments do before

@@ -7,7 +7,8 @@ size (library_code()) and loads it with FUNCTION LOAD REPLACE.
 
 Keys of symbol S (KEYS[1]); both carry the hash tag {S}, so one symbol's keys
 share one Redis Cluster slot, the slot of the key name S itself:
-  ws-gateway:{S}:meta     hash: epoch (string), seq (integer, the last assigned)
+  ws-gateway:{S}:meta     hash: epoch (string), seq (integer, the last assigned),
+                          rid (the replication ID of the server that made or adopted the epoch)
   ws-gateway:{S}:history  stream: entry <seq>-0 with one field d = the trade JSON
 
 FCALL publish_trade 1 <S> <json object>      -> seq (integer)
@@ -26,6 +27,17 @@ local HISTORY_SIZE = @@HISTORY_SIZE@@
 local function key_names(symbol)
   local base = 'ws-gateway:{' .. symbol .. '}:'
   return base .. 'meta', base .. 'history'
+end
+
+-- The replication ID of this server (INFO replication's master_replid). A
+-- replica promoted to master gets a new one; the data it took over may lack
+-- writes the old master acknowledged (replication is asynchronous), so an
+-- epoch made elsewhere cannot be trusted to continue here: its seq counter
+-- may be behind what clients already saw. Redis 7.0 lets a function call
+-- INFO (ROLE it does not).
+local function server_id()
+  local info = redis.call('INFO', 'replication')
+  return string.match(info, 'master_replid:(%x+)') or ''
 end
 
 -- JSON's whitespace only (space, tab, LF, CR), unlike Lua's %s.
@@ -122,15 +134,27 @@ local function publish_trade(keys, args)
   end
   local meta, history = key_names(symbol)
 
-  local state = redis.call('HMGET', meta, 'epoch', 'seq')
-  local epoch, seq = state[1], tonumber(state[2])
+  local state = redis.call('HMGET', meta, 'epoch', 'seq', 'rid')
+  local epoch, seq, rid = state[1], tonumber(state[2]), state[3]
+  local here = server_id()
+  if epoch and not rid then
+    -- Made before epochs carried a server ID: this server adopts it.
+    redis.call('HSET', meta, 'rid', here)
+  elseif epoch and rid ~= here then
+    -- Made on another server (this one was a replica then; a failover made it
+    -- the master): what that server acknowledged last may never have arrived
+    -- here, so numbering on would give a seq clients may have seen with another
+    -- trade. A new epoch; its first trade tells every reader.
+    epoch = nil
+  end
   if not epoch then
     -- New symbol, or its keys were lost (a restart without persistence,
-    -- eviction): a new epoch, and the old history cannot continue it.
+    -- eviction), or they came from another master: a new epoch, and the old
+    -- history cannot continue it.
     local now = redis.call('TIME')
     epoch = string.format('%x%05x', tonumber(now[1]), tonumber(now[2]))
     redis.call('DEL', history)
-    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'rid', here)
     seq = 0
   end
   seq = (seq or 0) + 1

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import redis
 import redis.asyncio
-from conftest import ROOT
+from conftest import ROOT, RedisServer
 from redis.crc import key_slot
 
 from gateway import sequencing
@@ -182,7 +182,7 @@ def test_key_names_share_the_symbols_slot(r):
     assert meta_key(s) == f"ws-gateway:{{{s}}}:meta" and history_key(s) == f"ws-gateway:{{{s}}}:history"
     assert key_slot(meta_key(s).encode()) == key_slot(history_key(s).encode()) == key_slot(s.encode())
     assert r.type(meta_key(s)) == b"hash" and r.type(history_key(s)) == b"stream"
-    assert set(r.hgetall(meta_key(s))) == {b"epoch", b"seq"}
+    assert set(r.hgetall(meta_key(s))) == {b"epoch", b"seq", b"rid"}
 
 
 # -- refusals --------------------------------------------------------------------------
@@ -276,6 +276,55 @@ def test_epoch_is_stable_and_renewed_when_keys_are_lost(own_redis):
     assert publish_trade(c, s, {"x": 4}) == 1
     assert history(c, s).epoch not in (None, first, second, third.epoch)
     c.close()
+
+
+def test_a_promoted_replica_starts_a_new_epoch(own_redis):
+    """Replication is asynchronous: the replica a failover promotes may lack
+    trades the old master acknowledged (and clients saw). Numbering on from
+    its seq would name those seqs again with other trades; a new epoch does
+    not. The epoch records the replication ID of the master that made it;
+    a promoted replica has another."""
+    own_redis.start()
+    master = own_redis.client()
+    load_library(master)
+    replica_server = RedisServer(extra=["--replicaof", "127.0.0.1", str(own_redis.port)]).start()
+    try:
+        replica = replica_server.client()
+        s = sym()
+        for k in range(1, 4):
+            assert publish_trade(master, s, {"k": k}) == k
+        assert master.wait(1, 5000) == 1          # 1..3 reached the replica
+        epoch = history(master, s).epoch
+        assert history(replica, s).epoch == epoch and history(replica, s).last == 3
+        replica.execute_command("REPLICAOF", "NO", "ONE")   # promoted: the link is cut first
+        for k in range(4, 6):                      # acknowledged by the old master only
+            assert publish_trade(master, s, {"k": k}) == k
+        assert history(master, s).last == 5
+        # The promoted replica: a new epoch from 1, never (epoch, 4) with another trade.
+        time.sleep(0.002)
+        assert publish_trade(replica, s, {"k": 40}) == 1
+        h = history(replica, s)
+        assert h.epoch not in (None, epoch) and h.entries == [(1, b'{"k":40}')]
+        assert publish_trade(replica, s, {"k": 41}) == 2   # and it continues there
+        assert history(replica, s).epoch == h.epoch
+        # Where nothing changed, the epoch goes on (the old master still is one).
+        assert publish_trade(master, s, {"k": 6}) == 6 and history(master, s).epoch == epoch
+        replica.close()
+    finally:
+        replica_server.stop()
+        master.close()
+
+
+def test_an_epoch_made_before_server_ids_is_adopted(r):
+    """A meta hash without rid (written by an earlier library) keeps its
+    epoch: the server it is on adopts it at the next publish."""
+    s = sym()
+    publish_trade(r, s, {"k": 1})
+    epoch = history(r, s).epoch
+    r.hdel(meta_key(s), "rid")
+    assert publish_trade(r, s, {"k": 2}) == 2
+    assert history(r, s).epoch == epoch
+    assert r.hget(meta_key(s), "rid") == r.info("replication")["master_replid"].encode()
 
 
 # -- trimming --------------------------------------------------------------------------
