@@ -31,14 +31,99 @@ class RedisTarget:
     password: str | None = None
     db: int = 0
     tls: bool = False
+    # redis+sentinel://: the sentinels asked for the master of ``master_name``
+    # (host and port above are unused); their own optional credentials.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str = ""
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
 
     def describe(self) -> str:
         """For logs: never includes the password."""
+        if self.sentinels:
+            where = ",".join(_host_port(h, p) for h, p in self.sentinels)
+            return f"redis+sentinel://{where}/{self.master_name}/{self.db}"
         where = self.unix_path or f"{self.host}:{self.port}"
         return f"{'rediss' if self.tls else 'redis'}://{where}/{self.db}"
 
 
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+SENTINEL_PORT = 26379
+SENTINEL_SCHEME = "redis+sentinel"
+_MASTER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def parse_sentinel_url(url: str) -> RedisTarget:
+    """``redis+sentinel://[user:password@]host1[:port],host2[:port]/<master-name>[/db]``,
+    optionally ``?sentinel_username=...&sentinel_password=...`` for sentinels
+    that require AUTH. The user and password are the master's."""
+    rest = url[len(SENTINEL_SCHEME) + 3:]
+    rest, _, query_text = rest.partition("?")
+    if "#" in rest or "#" in query_text:
+        raise ConfigError(f"REDIS_URL must not have a fragment: {_redact(url)!r}")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user_text, colon, pw_text = userinfo.partition(":")
+        username = urllib.parse.unquote(user_text) or None
+        password = urllib.parse.unquote(pw_text) if colon else None
+        if username and password is None:
+            raise ConfigError("REDIS_URL names a user but no password")
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        item = item.strip()
+        if not item:
+            raise ConfigError(f"REDIS_URL lists an empty sentinel address: {_redact(url)!r}")
+        try:
+            parts = urllib.parse.urlsplit("//" + item)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"REDIS_URL sentinel address {item!r} is malformed: {exc}") from None
+        if not parts.hostname or parts.username is not None or parts.path:
+            raise ConfigError(f"REDIS_URL sentinel address {item!r} must be host[:port]")
+        sentinels.append((parts.hostname, port or SENTINEL_PORT))
+    segments = path.split("/") if path else []
+    if segments and segments[-1] == "" and len(segments) > 1:
+        segments.pop()                          # a trailing slash
+    if not segments or not segments[0]:
+        raise ConfigError("REDIS_URL redis+sentinel:// needs the master's name: "
+                          "redis+sentinel://host1:26379,host2:26379/<master-name>[/db]")
+    name = urllib.parse.unquote(segments[0])
+    if not _MASTER_NAME_RE.fullmatch(name):
+        raise ConfigError(f"REDIS_URL master name must be 1-128 of A-Z a-z 0-9 . _ -, got {name!r}")
+    if len(segments) > 2:
+        raise ConfigError(f"REDIS_URL has more after the db than it should: {_redact(url)!r}")
+    db_text = segments[1] if len(segments) == 2 else ""
+    query = urllib.parse.parse_qs(query_text, keep_blank_values=True)
+    unknown = sorted(set(query) - {"sentinel_username", "sentinel_password", "db"})
+    if unknown:
+        raise ConfigError(f"REDIS_URL has unknown parameter(s) {', '.join(unknown)}; "
+                          "redis+sentinel:// takes sentinel_username, sentinel_password and db")
+    db_text = db_text or (query.get("db") or [""])[0]
+    db = 0
+    if db_text:
+        if not (db_text.isascii() and db_text.isdigit()):
+            raise ConfigError(f"REDIS_URL database must be a number, got {db_text!r}")
+        db = int(db_text)
+    s_user = query["sentinel_username"][0] if query.get("sentinel_username") else None
+    s_pw = query["sentinel_password"][0] if query.get("sentinel_password") else None
+    if s_user and s_pw is None:
+        raise ConfigError("REDIS_URL names a sentinel_username but no sentinel_password")
+    return RedisTarget(host=sentinels[0][0], port=sentinels[0][1], username=username,
+                       password=password, db=db, sentinels=tuple(dict.fromkeys(sentinels)),
+                       master_name=name, sentinel_username=s_user, sentinel_password=s_pw)
+
+
 def parse_redis_url(url: str) -> RedisTarget:
+    if url.lower().startswith(SENTINEL_SCHEME + "://"):
+        return parse_sentinel_url(url)
+    if url.lower().startswith(("rediss+sentinel://", "redis+sentinels://")):
+        raise ConfigError("REDIS_URL: TLS to Redis behind Sentinel is not supported; "
+                          "use redis+sentinel://")
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -61,7 +146,8 @@ def parse_redis_url(url: str) -> RedisTarget:
         target = dict(unix_path=parts.path)
     else:
         raise ConfigError(
-            f"REDIS_URL must start with redis://, rediss:// or unix://, got {_redact(url)!r}")
+            "REDIS_URL must start with redis://, rediss:// or unix:// (or redis+sentinel://), "
+            f"got {_redact(url)!r}")
     db = 0
     if db_text:
         if not (db_text.isascii() and db_text.isdigit()):
@@ -75,9 +161,13 @@ def parse_redis_url(url: str) -> RedisTarget:
 
 
 def _redact(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
+    url = re.sub(r"(sentinel_password=)[^&#]*", r"\1***", url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return "<unparsable URL>"
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
@@ -267,7 +357,8 @@ SETTINGS: tuple[Setting, ...] = (
             "net.core.somaxconn); too small and a reconnect storm's SYNs are dropped and retried "
             "after 1 s, 3 s, 7 s"),
     Setting("redis_url", "REDIS_URL", "--redis-url", "redis://127.0.0.1:6379", _str,
-            "Redis to subscribe to: redis://[[user]:password@]host[:port][/db], rediss://..., unix:///path"),
+            "Redis to subscribe to: redis://[[user]:password@]host[:port][/db], rediss://..., "
+            "unix:///path, or redis+sentinel://[user:password@]host1:26379,host2:26379/<master-name>[/db]"),
     Setting("max_symbols", "WS_MAX_SYMBOLS", "--max-symbols", "5", _int(1, 10000),
             "most symbols one connection may subscribe to"),
     Setting("heartbeat_interval", "WS_HEARTBEAT_INTERVAL", "--heartbeat-interval", "30", _float(0.05),
@@ -436,7 +527,8 @@ CANDLE_SETTINGS: tuple[Setting, ...] = (
     _shared("port", default="8081", help="port of the candle service's /healthz, /readyz and /metrics "
                                          "(0 picks a free one)"),
     _shared("redis_url", help="Redis to read trades from and publish candles to: "
-                              "redis://[[user]:password@]host[:port][/db], rediss://..., unix:///path"),
+                              "redis://[[user]:password@]host[:port][/db], rediss://..., unix:///path, "
+                              "redis+sentinel://[user:password@]host1:26379,host2:26379/<master-name>[/db]"),
     _shared("channel_prefix", help="Redis channel prefix of trades; the service subscribes to PREFIX*"),
     _shared("candle_channel_prefix"),
     _shared("candle_intervals", help="candle intervals to compute (1s to 1d, each dividing a day)"),

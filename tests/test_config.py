@@ -357,6 +357,83 @@ def test_describe_never_shows_the_password(url, text):
     assert parse_redis_url(url).describe() == text
 
 
+# --- REDIS_URL behind Sentinel ---------------------------------------------------------
+
+@pytest.mark.parametrize("url, expected", [
+    ("redis+sentinel://10.0.0.1:26379,10.0.0.2:26380/mymaster",
+     dict(sentinels=(("10.0.0.1", 26379), ("10.0.0.2", 26380)), master_name="mymaster")),
+    ("redis+sentinel://s1,s2,s3/md-redis/2",          # the sentinels' port by default
+     dict(sentinels=(("s1", 26379), ("s2", 26379), ("s3", 26379)), master_name="md-redis", db=2)),
+    ("redis+sentinel://u:p%40ss@s1:1,[::1]:2/m/",
+     dict(sentinels=(("s1", 1), ("::1", 2)), master_name="m", username="u", password="p@ss")),
+    ("redis+sentinel://:pw@s1/m?db=3", dict(sentinels=(("s1", 26379),), master_name="m",
+                                            password="pw", db=3)),
+    ("redis+sentinel://s1,s1/m", dict(sentinels=(("s1", 26379),), master_name="m")),
+    ("REDIS+SENTINEL://S1/m", dict(sentinels=(("s1", 26379),), master_name="m")),
+    ("redis+sentinel://s1/m?sentinel_password=spw",
+     dict(sentinels=(("s1", 26379),), master_name="m", sentinel_password="spw")),
+    ("redis+sentinel://s1/m?sentinel_username=su&sentinel_password=spw",
+     dict(sentinels=(("s1", 26379),), master_name="m", sentinel_username="su",
+          sentinel_password="spw")),
+])
+def test_parse_sentinel_url(url, expected):
+    target = parse_redis_url(url)
+    first = expected["sentinels"][0]
+    assert target == RedisTarget(host=first[0], port=first[1], **expected)
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("redis+sentinel://s1", "needs the master's name"),
+    ("redis+sentinel://s1/", "needs the master's name"),
+    ("redis+sentinel:///m", "empty sentinel address"),
+    ("redis+sentinel://s1,,s2/m", "empty sentinel address"),
+    ("redis+sentinel://s1:port/m", "sentinel address 's1:port' is malformed"),
+    ("redis+sentinel://s1:99999/m", "is malformed"),
+    ("redis+sentinel://s1/m/x", "database must be a number, got 'x'"),
+    ("redis+sentinel://s1/m/1/2", "more after the db"),
+    ("redis+sentinel://s1/my master", "master name must be"),
+    ("redis+sentinel://s1/m?timeout=1", "unknown parameter(s) timeout"),
+    ("redis+sentinel://u@s1/m", "names a user but no password"),
+    ("redis+sentinel://s1/m?sentinel_username=su", "sentinel_username but no sentinel_password"),
+    ("rediss+sentinel://s1/m", "TLS to Redis behind Sentinel is not supported"),
+    ("redis+sentinel://s1/m#x", "must not have a fragment"),
+])
+def test_parse_sentinel_url_malformed(url, fragment):
+    with pytest.raises(ConfigError) as exc:
+        parse_redis_url(url)
+    message = str(exc.value)
+    assert fragment in message and message.startswith("REDIS_URL")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("url", [
+    f"redis+sentinel://u:{SECRET}@s1,,s2/m",
+    f"redis+sentinel://:{SECRET}@s1/m/1/2",
+    f"redis+sentinel://s1/m/1/2?sentinel_password={SECRET}",
+    f"redis+sentinel://:{SECRET}@s1:x/m",
+])
+def test_malformed_sentinel_url_errors_never_show_a_password(url):
+    with pytest.raises(ConfigError) as exc:
+        parse_redis_url(url)
+    assert SECRET not in str(exc.value)
+
+
+def test_describe_a_sentinel_target_never_shows_a_password():
+    url = f"redis+sentinel://u:{SECRET}@s1,[::1]:26380/md/4?sentinel_password={SECRET}"
+    assert parse_redis_url(url).describe() == "redis+sentinel://s1:26379,[::1]:26380/md/4"
+
+
+@pytest.mark.parametrize("main", ["gateway", "candles"])
+def test_bad_sentinel_url_is_one_line_and_exit_2(clean_env, capsys, main):
+    from gateway import candle_service
+    run = cli.main if main == "gateway" else candle_service.main
+    assert run(["--redis-url", "redis+sentinel://s1:26379,s2:26379"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(("ws-gateway: error: ", "ws-gateway-candles: error: "))
+    assert "needs the master's name" in err
+
+
 # --- Config: cross-checks, precedence, repr ------------------------------------------------
 
 def test_config_parses_its_redis_url():
