@@ -18,11 +18,14 @@ import random
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 
 from .config import RedisTarget
+
+if TYPE_CHECKING:
+    from .sentinel import SentinelMaster
 
 log = logging.getLogger("gateway.redis")
 
@@ -105,14 +108,33 @@ class RedisSubscriber:
     ``ready`` is True only while every pattern's subscription is confirmed
     on the current connection. ``reason`` says why not, for /readyz and the
     logs.
+
+    With ``sentinel`` (REDIS_URL redis+sentinel://, gateway.sentinel) it
+    connects where the sentinels say the master is, sends ``ROLE`` first and
+    subscribes only once that server answers ``master``; a replica (a stale
+    answer during a switch) is dropped and the sentinels are asked again with
+    backoff. A failover the sentinels announce moves it at once, and while
+    they hold the master down it is not ready. The reader and everything
+    after the connect step are the same.
     """
 
     def __init__(self, target: RedisTarget, patterns: str | tuple[str, ...],
                  make_reader: Callable[[Callable], Any], *,
                  keepalive_interval: float = 15.0, connect_timeout: float = 5.0,
                  backoff: Backoff | None = None,
-                 on_state: Callable[[bool, str], None] | None = None):
+                 on_state: Callable[[bool, str], None] | None = None,
+                 sentinel: SentinelMaster | None = None):
         self.target = target
+        self.sentinel = sentinel
+        self.address: tuple[str, int] | None = None     # the master connected to (sentinel)
+        self._role_ok = sentinel is None                # ROLE answered master on this connection
+        self._live = False                              # every pattern confirmed here
+        self._moving_to: tuple[str, int] | None = None  # the sentinels moved the master
+        self._not_master = False                        # this connection's server is a replica
+        self._wake = asyncio.Event()
+        if sentinel is not None:
+            sentinel.on_switch(self._on_switch)
+            sentinel.on_odown(self._on_odown)
         # In order, once each: Redis confirms a pattern named twice twice.
         self.patterns: tuple[str, ...] = tuple(dict.fromkeys(
             (patterns,) if isinstance(patterns, str) else patterns))
@@ -160,7 +182,14 @@ class RedisSubscriber:
                 proto = await asyncio.wait_for(self._connect(loop), self.connect_timeout)
             except (TimeoutError, OSError) as exc:
                 why = str(exc) or type(exc).__name__
-                self._set_state(False, f"cannot connect to {self.target.describe()}: {why}")
+                if self.sentinel is None:
+                    self._set_state(False, f"cannot connect to {self.target.describe()}: {why}")
+                elif self.address is None:          # no sentinel named a master
+                    self._set_state(False, why)
+                else:
+                    self._set_state(False, f"cannot connect to the master {_where(self.address)} "
+                                           f"of {self.target.master_name}: {why}")
+                    self.sentinel.stale(self.address)
                 self._failures += 1
                 now = time.monotonic()
                 # The first failure and then one line per REPEAT_LOG_INTERVAL,
@@ -180,21 +209,47 @@ class RedisSubscriber:
                 if self._stopping:
                     break
                 self.reconnects += 1
-                if self._refused:
+                self._live = False
+                if self._moving_to is not None or self._not_master:
+                    # A failover: the reason says so; the next attempt goes
+                    # where the sentinels now say.
+                    self._set_state(False, self.reason)
+                elif self._refused:
                     # Keep the refusal as the reason: it is what an operator must fix.
                     self._set_state(False, self.reason)
                 else:
                     was = self.reason
-                    self._set_state(False, "connection to Redis lost")
+                    if self.sentinel is not None:
+                        self._set_state(False, "redis failover in progress: connection to the "
+                                               f"master {_where(self.address)} lost")
+                    else:
+                        self._set_state(False, "connection to Redis lost")
                     log.warning("Redis connection lost (%s); clients stay connected, reconnecting",
                                 lost or was)
+            if self._moving_to is not None and not self._stopping:
+                self._moving_to = None
+                continue                 # to the new master at once
             delay = self.backoff.next_delay()
             log.debug("next Redis connection attempt in %.2f s", delay)
-            await asyncio.sleep(delay)
+            self._wake.clear()
+            try:
+                # A failover the sentinels announce ends the wait early.
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
 
     async def _connect(self, loop) -> _SubscriptionProtocol:
         t = self.target
         ctx = ssl.create_default_context() if t.tls else None
+        self._moving_to = None
+        self._not_master = False
+        if self.sentinel is not None:
+            self.address = None
+            address = await self.sentinel.discover()
+            self.address = address
+            _, proto = await loop.create_connection(
+                lambda: _SubscriptionProtocol(self), address[0], address[1])
+            return proto
         if t.unix_path:
             _, proto = await loop.create_unix_connection(lambda: _SubscriptionProtocol(self), t.unix_path)
         else:
@@ -234,7 +289,13 @@ class RedisSubscriber:
         if t.db:
             cmds.append(encode_command("SELECT", str(t.db)))
         self._confirmed = set()
-        cmds.append(encode_command("PSUBSCRIBE", *self.patterns))
+        self._live = False
+        if self.sentinel is not None:
+            # Subscribe only once this server says it is the master (_on_role).
+            self._role_ok = False
+            cmds.append(encode_command("ROLE"))
+        else:
+            cmds.append(encode_command("PSUBSCRIBE", *self.patterns))
         proto.transport.write(b"".join(cmds))
         if not self.reason.startswith("Redis error"):
             # After a refusal, keep saying why until an attempt succeeds:
@@ -264,12 +325,23 @@ class RedisSubscriber:
                 # One confirmation per pattern; ready once all are in.
                 if len(reply) > 1 and isinstance(reply[1], bytes):
                     self._confirmed.add(reply[1])
-                if self.ready or not self._confirmed.issuperset(p.encode() for p in self.patterns):
+                if (self._live or not self._role_ok
+                        or not self._confirmed.issuperset(p.encode() for p in self.patterns)):
                     return
+                self._live = True
                 self.backoff.reset()
                 self.subscribed_at = time.time()
-                log.info("subscribed to %s on %s", " ".join(self.patterns), self.target.describe())
+                if self.sentinel is not None:
+                    log.info("subscribed to %s on the master %s of %s", " ".join(self.patterns),
+                             _where(self.address), self.target.describe())
+                    if self.sentinel.odown:
+                        self._set_state(False, self._odown_reason())
+                        return
+                else:
+                    log.info("subscribed to %s on %s", " ".join(self.patterns), self.target.describe())
                 self._set_state(True, "subscribed")
+            elif kind in (b"master", b"slave", b"sentinel") and self.sentinel is not None:
+                self._on_role(kind.decode())
             elif kind == b"pong":
                 pass
             elif kind == b"punsubscribe":
@@ -283,9 +355,59 @@ class RedisSubscriber:
         else:
             log.debug("unexpected reply from Redis: %r", reply)
 
+    # sentinel ---------------------------------------------------------------
+    def _on_role(self, role: str) -> None:
+        if self._proto is None:
+            return
+        if role == "master":
+            self._role_ok = True
+            self._proto.transport.write(encode_command("PSUBSCRIBE", *self.patterns))
+            return
+        assert self.sentinel is not None and self.address is not None
+        self._not_master = True
+        self.sentinel.stale(self.address)
+        log.info("%s is a %s, not the master of %s (a switch in progress); asking the sentinels "
+                 "again", _where(self.address), role, self.target.master_name)
+        self._set_state(False, f"redis failover in progress: {_where(self.address)} is a {role}, "
+                               "not the master")
+        self._proto.transport.close()
+
+    def _on_switch(self, address: tuple[str, int]) -> None:
+        """The sentinels moved the master: leave the old one now."""
+        if self._stopping:
+            return
+        if self._proto is not None and self.address != address:
+            self._moving_to = address
+            self._live = False
+            log.warning("leaving %s: the sentinels moved the master of %s to %s",
+                        _where(self.address), self.target.master_name, _where(address))
+            self._set_state(False, f"redis failover in progress: the master moved to {_where(address)}")
+            self._proto.transport.abort()
+        elif self._proto is None:
+            self._wake.set()        # waiting to retry: retry now
+
+    def _on_odown(self, down: bool) -> None:
+        if self._stopping or not self._live:
+            return
+        if down:
+            self._set_state(False, self._odown_reason())
+        else:
+            self._set_state(True, "subscribed")
+
+    def _odown_reason(self) -> str:
+        return (f"redis failover in progress: the sentinels hold the master {_where(self.address)} "
+                "down")
+
     def _set_state(self, ready: bool, reason: str) -> None:
         changed = ready != self.ready
         self.ready = ready
         self.reason = reason
         if changed and self.on_state is not None:
             self.on_state(ready, reason)
+
+
+def _where(address: tuple[str, int] | None) -> str:
+    if address is None:
+        return "(unknown)"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

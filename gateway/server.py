@@ -27,6 +27,7 @@ from .counters import Counters
 from .endpoints import Endpoints, http_answer, is_upgrade
 from .redis_reader import RedisSubscriber
 from .replay import Replayer
+from .sentinel import SentinelMaster
 from .session import Hub, Session, SessionPolicy, abort, on_slow_consumer
 from .stats import Stats
 from .supervisor import WorkerInfo
@@ -67,11 +68,13 @@ class Gateway:
         patterns: tuple[str, ...] = (config.channel_prefix + "*",)
         if config.candle_intervals:
             patterns += (config.candle_channel_prefix + "*",)
+        # Behind Sentinel: one view of where the master is, for both connections.
+        self.sentinel = SentinelMaster(config.redis) if config.redis.sentinels else None
         self.redis = RedisSubscriber(config.redis, patterns,
                                      lambda on_reply: self.impl.SubscriptionReader(self.fanout, on_reply),
-                                     on_state=self._on_redis_state)
+                                     on_state=self._on_redis_state, sentinel=self.sentinel)
         # A second connection for commands: history reads, loading the library.
-        self.history = history_client(config.redis)
+        self.history = history_client(config.redis, self.sentinel)
         self.replayer = Replayer(
             self.impl, self.fanout, self.table,
             lambda symbol, after, count: sequencing.read_history(self.history, symbol, after, count),
@@ -172,6 +175,8 @@ class Gateway:
             reuse_port=self.worker is not None,
         )
         self.port = self.server.sockets[0].getsockname()[1]
+        if self.sentinel is not None:
+            self.sentinel.start()
         await self._load_library()
         self.redis.start()
         loop = asyncio.get_running_loop()
@@ -222,14 +227,17 @@ class Gateway:
         for t in transports:
             abort(t)
         await self.redis.stop()
+        if self.sentinel is not None:
+            await self.sentinel.stop()
         await self.replayer.close()
         await self.history.aclose()
         self.stats.log_now()
         log.info("stopped")
 
 
-def history_client(target: RedisTarget):
-    """A redis.asyncio client for commands on the same Redis as the subscription."""
+def history_client(target: RedisTarget, sentinel: SentinelMaster | None = None):
+    """A redis.asyncio client for commands on the same Redis as the subscription
+    (behind Sentinel: on the master ``sentinel`` points at)."""
     import redis.asyncio as aredis
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
@@ -240,6 +248,9 @@ def history_client(target: RedisTarget):
     kwargs: dict = dict(username=target.username, password=target.password, db=target.db,
                         max_connections=16, timeout=10,
                         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3))
+    if target.sentinels:
+        from .sentinel import command_client
+        return command_client(sentinel or SentinelMaster(target), **kwargs)
     if target.unix_path:
         pool = aredis.BlockingConnectionPool(connection_class=aredis.UnixDomainSocketConnection,
                                              path=target.unix_path, **kwargs)
