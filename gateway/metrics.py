@@ -19,6 +19,21 @@ from .counters import Counters
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# Every reason gateway.access refuses an upgrade for, and every kind of error
+# counted in gateway_errors_total: their series exist at 0 from the start, so
+# rate() and increase() see the first event (a series that appears at 1 hides
+# it) and alerts match before anything went wrong. tests/test_operations.py
+# holds both lists to the sources.
+REFUSAL_REASONS = ("origin", "ip_limit", "connect_rate", "user_limit", "auth_missing", "auth_expired",
+                   "auth_not_yet_valid", "auth_bad_signature", "auth_bad_algorithm", "auth_bad_claims",
+                   "auth_malformed", "auth_invalid")
+ERROR_KINDS = (
+    # clients' bad messages (gateway.protocol.ClientError kinds) and frames
+    "binary_frame", "invalid_json", "not_object", "missing_action", "unknown_action", "invalid_since",
+    "invalid_snapshot", "invalid_symbols", "symbol_limit", "too_big", "bad_compression", "rate_limited",
+    # the fan-out failing to deliver: the gateway's fault, not a client's
+    "dispatch")
+
 
 class GatewayCollector:
     def __init__(self, counters: Counters):
@@ -85,13 +100,13 @@ class GatewayCollector:
                       c.heartbeat_timeouts)
 
         errors = CounterMetricFamily("gateway_errors", "Errors by kind", labels=["kind"])
-        for kind, n in sorted(c.error_counts().items()):
+        for kind, n in sorted({**dict.fromkeys(ERROR_KINDS, 0), **c.error_counts()}.items()):
             errors.add_metric([kind], n)
         yield errors
 
         refused = CounterMetricFamily("gateway_refused_connections", "Upgrades refused, by reason",
                                       labels=["reason"])
-        for reason, n in sorted(c.refusals.items()):
+        for reason, n in sorted({**dict.fromkeys(REFUSAL_REASONS, 0), **c.refusals}.items()):
             refused.add_metric([reason], n)
         yield refused
 

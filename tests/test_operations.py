@@ -3,6 +3,7 @@ truth during faults, slow-consumer policies, misbehaving clients, and memory
 that comes back after churn."""
 from __future__ import annotations
 
+import ast
 import asyncio
 import sys
 import time
@@ -12,6 +13,7 @@ import pytest
 from conftest import ROOT, running_gateway, wait_until
 from test_lifecycle import client, raw_client
 
+from gateway import metrics
 from gateway._testbase import procfs
 from gateway._testbase import ws as wire
 from gateway._testbase.net import parse_metrics
@@ -46,6 +48,12 @@ def test_health_ready_metrics_endpoints(aio, impl, redis_server):
             assert status == 200 and orjson.loads(body)["status"] == "ok"
             status, _, body = await http_get(gw.port, "/readyz")
             assert status == 200 and orjson.loads(body) == {"status": "ready"}
+            # Before any event, each known label value is there at 0.
+            m = await scrape(gw.port)
+            for reason in metrics.REFUSAL_REASONS:
+                assert m[f'gateway_refused_connections_total{{reason="{reason}"}}'] == 0
+            for kind in metrics.ERROR_KINDS:
+                assert m[f'gateway_errors_total{{kind="{kind}"}}'] == 0
 
             ws = await client(gw.port, ["MET", "RIC"])
             await ws.send("not json")
@@ -78,6 +86,30 @@ def test_health_ready_metrics_endpoints(aio, impl, redis_server):
             assert orjson.loads(await ws.recv())["type"] == "pong"
             await ws.close()
     aio(main())
+
+
+def test_metrics_label_lists_cover_every_reason_and_kind_in_the_sources():
+    """metrics.REFUSAL_REASONS and ERROR_KINDS (the series that exist at 0)
+    name every literal reason/kind the code counts, so a new one cannot be
+    missing until it first happens."""
+    found: dict[str, set[str]] = {"refusal": set(), "error": set()}
+    for path in (ROOT / "gateway").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "attr", getattr(node.func, "id", None))
+            label = node.args[1] if len(node.args) >= 2 else None   # _refuse(status, reason, ...)
+            if name == "_refuse" and path.name == "access.py" and isinstance(label, ast.Constant):
+                found["refusal"].add(label.value)
+            elif name == "ClientError" and isinstance(label, ast.Constant):     # ClientError(text, kind)
+                found["error"].add(label.value)
+            elif name == "count_error":
+                # session.py: count_error("bad_compression" if ... else "too_big")
+                found["error"].update(c.value for c in ast.walk(node) if isinstance(c, ast.Constant)
+                                      and isinstance(c.value, str))
+    assert found["refusal"] and found["error"]
+    assert found["refusal"] <= set(metrics.REFUSAL_REASONS), found["refusal"] - set(metrics.REFUSAL_REASONS)
+    assert found["error"] <= set(metrics.ERROR_KINDS), found["error"] - set(metrics.ERROR_KINDS)
 
 
 @pytest.mark.heavy
