@@ -278,7 +278,7 @@ def test_epoch_is_stable_and_renewed_when_keys_are_lost(own_redis):
     c.close()
 
 
-def test_a_promoted_replica_starts_a_new_epoch(own_redis):
+def test_a_promoted_replica_starts_a_new_epoch(own_redis, tmp_path):
     """Replication is asynchronous: the replica a failover promotes may lack
     trades the old master acknowledged (and clients saw). Numbering on from
     its seq would name those seqs again with other trades; a new epoch does
@@ -287,7 +287,9 @@ def test_a_promoted_replica_starts_a_new_epoch(own_redis):
     own_redis.start()
     master = own_redis.client()
     load_library(master)
-    replica_server = RedisServer(extra=["--replicaof", "127.0.0.1", str(own_redis.port)]).start()
+    # (its full sync writes an RDB file into its --dir)
+    replica_server = RedisServer(extra=["--replicaof", "127.0.0.1", str(own_redis.port)],
+                                 workdir=tmp_path).start()
     try:
         replica = replica_server.client()
         s = sym()
