@@ -41,6 +41,7 @@ from .candles import Candle, CandleBook, Counters, Trade, interval_settings, par
 from .config import CandleConfig, ConfigError
 from .endpoints import http_answer
 from .redis_reader import RedisSubscriber
+from .sentinel import SentinelMaster
 from .server import history_client, stop_signal
 
 log = logging.getLogger("gateway.candles")
@@ -104,7 +105,12 @@ class CandleService:
         self.clock = clock
         self.settings = interval_settings(config.candle_intervals, config.grace, config.late_window)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.client = history_client(config.redis)
+        # Behind Sentinel: the lease, the writes and the trade subscription all
+        # follow the master the sentinels name.
+        self.sentinel = SentinelMaster(config.redis) if config.redis.sentinels else None
+        if self.sentinel is not None:
+            self.sentinel.on_switch(self._on_master_switch)
+        self.client = history_client(config.redis, self.sentinel)
         self.counters = Counters()
         self.book: CandleBook | None = None
         self.lease: str | None = None
@@ -232,7 +238,8 @@ class CandleService:
         try:
             self.subscriber = RedisSubscriber(
                 self.config.redis, self.config.channel_prefix + "*",
-                lambda on_reply: TradeReader(self, on_reply), on_state=self._on_subscription)
+                lambda on_reply: TradeReader(self, on_reply), on_state=self._on_subscription,
+                sentinel=self.sentinel)
             self.subscriber.start()
             while not self.subscriber.ready:
                 await asyncio.sleep(0.01)
@@ -286,6 +293,16 @@ class CandleService:
                 symbols.append(symbol)
         await asyncio.gather(*(self._read_history_into(book, s) for s in symbols))
         return len(symbols)
+
+    def _on_master_switch(self, address: tuple[str, int]) -> None:
+        # Replication is asynchronous: the new master may lack the last
+        # candles and states this leader wrote, so its book may be ahead of
+        # what is stored. Leading on would never store those again; standing
+        # down and taking over from what the new master holds (as any
+        # standby would) republishes what is due from there.
+        if self.role != "standby" and not self._stopping:
+            self._spawn(self._step_down("the Redis master changed (failover); taking over again "
+                                        "from what the new master holds"))
 
     def _on_subscription(self, ready: bool, reason: str) -> None:
         if ready and self.subscriber is not None and self.subscriber.connects > 1 and self.book:
@@ -478,6 +495,8 @@ class CandleService:
         self.server = await picows_adapter.create_server(
             self._answer, c.host, c.port, max_frame_size=1024, read_buffer_init_size=1024)
         self.port = self.server.sockets[0].getsockname()[1]
+        if self.sentinel is not None:
+            self.sentinel.start()
         await candle_store.aload_library(self.client)
         self._spawn(self._lease_loop())
         log.info("candle service %s: intervals %s, grace %g s, late window %g s, lease %g s; "
@@ -495,6 +514,8 @@ class CandleService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.server.close()
+        if self.sentinel is not None:
+            await self.sentinel.stop()
         await self.client.aclose()
         log.info("stopped")
 

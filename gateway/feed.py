@@ -80,7 +80,17 @@ def main(argv=None) -> int:
         except ValueError as exc:
             print(f"ws-gateway-feed: error: {exc}", file=sys.stderr)
             return 2
-    client = redis.Redis.from_url(args.redis_url)
+    from .config import ConfigError
+    from .sentinel import redis_client
+    try:
+        client = redis_client(args.redis_url)
+    except ConfigError as exc:
+        print(f"ws-gateway-feed: error: {exc}", file=sys.stderr)
+        return 2
+    # Behind Sentinel a failover is a few seconds of connection errors: wait
+    # them out (a batch sent again may publish some trades twice).
+    patience = 30.0 if args.redis_url.lower().startswith("redis+sentinel://") else 0.0
+    failing_since: float | None = None
     if not args.plain:
         try:
             load_library(client, args.prefix, history_size)
@@ -113,7 +123,15 @@ def main(argv=None) -> int:
                 else:
                     publish_trade(pipe, sym, gen.trade(sym))
             if n:
-                pipe.execute()
+                try:
+                    pipe.execute()
+                except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError):
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > patience:
+                        raise
+                    time.sleep(0.2)
+                    continue
+                failing_since = None
                 published += n
             if args.count and published >= args.count:
                 break

@@ -165,6 +165,8 @@ class RedisSubscriber:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.sentinel is not None:
+            self.sentinel.remove(self._on_switch, self._on_odown)
         if self._proto is not None:
             self._proto.transport.close()
         if self._task is not None:

@@ -205,6 +205,13 @@ class SentinelMaster:
         """``callback(down)`` when the sentinels start or stop holding the master down."""
         self._on_odown.append(callback)
 
+    def remove(self, *callbacks: Callable[..., None]) -> None:
+        """Stop calling ``callbacks`` (given to on_switch or on_odown)."""
+        for cb in callbacks:
+            for group in (self._on_switch, self._on_odown):
+                while cb in group:
+                    group.remove(cb)
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.watch(), name="sentinel-watch")

@@ -272,13 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     url = args.redis_url or os.environ.get("REDIS_URL", "") or DEFAULT_REDIS_URL
     from redis.backoff import NoBackoff
     from redis.retry import Retry
+
+    from .config import ConfigError
+    from .sentinel import redis_client
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10,
-                                      retry=Retry(NoBackoff(), 0))
+        client = redis_client(url, socket_connect_timeout=5, socket_timeout=10,
+                              retry=Retry(NoBackoff(), 0))
         try:
             load_library(client, prefix, size)
         finally:
             client.close()
+    except ConfigError as exc:        # a malformed redis+sentinel:// URL
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     except (redis.RedisError, ValueError, OSError) as exc:
         text = " ".join(str(exc).split()) or type(exc).__name__
         print(f"{prog}: error: {_redact(url)}: {text}", file=sys.stderr)

@@ -423,14 +423,16 @@ def test_describe_a_sentinel_target_never_shows_a_password():
     assert parse_redis_url(url).describe() == "redis+sentinel://s1:26379,[::1]:26380/md/4"
 
 
-@pytest.mark.parametrize("main", ["gateway", "candles"])
+@pytest.mark.parametrize("main", ["gateway", "candles", "functions", "feed"])
 def test_bad_sentinel_url_is_one_line_and_exit_2(clean_env, capsys, main):
-    from gateway import candle_service
-    run = cli.main if main == "gateway" else candle_service.main
+    from gateway import candle_service, feed, sequencing
+    run = {"gateway": cli.main, "candles": candle_service.main, "feed": feed.main,
+           "functions": lambda argv: sequencing.main(["load", *argv])}[main]
     assert run(["--redis-url", "redis+sentinel://s1:26379,s2:26379"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
-    assert err.startswith(("ws-gateway: error: ", "ws-gateway-candles: error: "))
+    assert err.startswith(("ws-gateway: error: ", "ws-gateway-candles: error: ",
+                           "ws-gateway-feed: error: ", "ws-gateway-functions: error: "))
     assert "needs the master's name" in err
 
 

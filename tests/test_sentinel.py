@@ -477,3 +477,42 @@ def test_lost_writes_never_reuse_an_epoch_and_seq(cluster, gateway):
     assert not names_one_trade([got, late_got, history])
     assert [n for e, s, n in got] == list(range(1, 51))
     assert gateway.stop() == 0 and not gateway.tracebacks()
+
+
+def test_candle_service_follows_the_master(cluster):
+    """The candle service behind Sentinel: it leads on the master, and after
+    the master is killed it leads again on the new one (taking over from
+    what that one holds) and publishes candles there."""
+    from gateway._testbase.process import CandleProcess
+    svc = CandleProcess(cluster.url, cwd=ROOT, die_with_parent=True, WS_CANDLE_INTERVALS="1s",
+                        WS_CANDLE_LEASE="1", WS_CANDLE_GRACE="0.2").start()
+    try:
+        svc.wait_role("leader", timeout=20)
+        symbol = fresh(1)[0]
+        pub = Publisher(cluster.url, [symbol])
+        sequencing.load_library(pub.client)      # no gateway here to load it
+        for n in range(1, 6):
+            pub.publish(symbol, n)
+        old = cluster.master_port()
+        cluster.servers[old].kill()
+        new = cluster.wait_failover(old)
+        sub = cluster.servers[new].client().pubsub()
+        sub.subscribe(f"channel:candle:1s:{symbol}")
+        deadline = time.monotonic() + RESUME_WITHIN
+        got = None
+        n = 5
+        while got is None and time.monotonic() < deadline:
+            n += 1
+            pub.publish(symbol, n)
+            msg = sub.get_message(timeout=0.1)
+            if msg and msg["type"] == "message":
+                got = orjson.loads(msg["data"])
+        assert got is not None, svc.log_tail()
+        assert got["data"]["symbol"] == symbol
+        svc._wait(lambda: svc.role() == "leader" and try_http_get(svc.port, "/readyz")[0] == 200,
+                  10, "leading again")
+        sub.close()
+        pub.stop()
+        assert svc.stop() == 0 and not svc.tracebacks(), svc.log_tail()
+    finally:
+        svc.close()
