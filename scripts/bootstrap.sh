@@ -30,6 +30,22 @@ need_chromium() {
     fi
 }
 
+need_podman() {
+    # tests/test_container.py builds Dockerfile.ws with podman (runc as its
+    # runtime) on a Debian base it makes with debootstrap; about two minutes
+    # the first time a day. It needs root: skipped otherwise, as it is where
+    # these cannot be installed.
+    if command -v podman >/dev/null 2>&1 && command -v runc >/dev/null 2>&1 \
+            && command -v debootstrap >/dev/null 2>&1; then
+        return 0
+    fi
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1 \
+            || ! apt_install podman runc debootstrap; then
+        echo "warning: podman, runc and debootstrap are not installed;" \
+             "tests/test_container.py will be skipped" >&2
+    fi
+}
+
 apt_install() {
     local sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: installs what is missing (redis-server, Chromium, .venv),
+# Runs the whole test suite: installs what is missing (redis-server, Chromium, podman, .venv),
 # checks the code (ruff, mypy, and stubtest for the compiled module's stub),
 # then pytest over every tier (pyproject's addopts leave out the slow one;
 # -m "" puts it back). Extra arguments go to pytest, after ours: a -m of
@@ -7,6 +7,7 @@
 source "$(dirname "$0")/bootstrap.sh"
 need_redis
 need_chromium
+need_podman
 need_venv "[test]"
 cd "$ROOT"
 set +e
