@@ -188,6 +188,7 @@ def test_a_leader_killed_during_a_busy_minute_loses_nothing(rds):
             assert as_tuple(d) == as_tuple(view[d["start"]])
 
 
+@pytest.mark.slow
 def test_bad_configuration_is_one_line_and_exit_2():
     import subprocess
     import sys

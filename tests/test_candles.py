@@ -160,6 +160,7 @@ def test_fractional_volumes_are_summed_exactly_whatever_the_order():
     check_against_reference(trades, messages, ("BTC-USD",), end - end % TICK)
 
 
+@pytest.mark.slow
 def test_a_takeover_from_stored_state_changes_nothing():
     """A second book restored from what the first one stored (each candle's
     state, the newest final, the watermark), fed the trades after the

@@ -298,6 +298,7 @@ def test_requests_return_the_gateway_reply(redis_server, gateways):
     run(main())
 
 
+@pytest.mark.slow
 @needs_redis_server
 def test_sigterm_reconnects_at_once_and_resumes(redis_server, gateways, publishers):
     """1001 from a gateway shutting down: the client goes straight to the other

@@ -141,6 +141,7 @@ def test_redis_restart_clients_stay_delivery_resumes(aio, impl, own_redis):
     aio(main())
 
 
+@pytest.mark.slow
 @pytest.mark.heavy
 def test_redis_unreachable_at_start_then_appears(aio, impl, own_redis):
     async def main():

@@ -278,6 +278,7 @@ def test_epoch_is_stable_and_renewed_when_keys_are_lost(own_redis):
     c.close()
 
 
+@pytest.mark.slow
 def test_a_promoted_replica_starts_a_new_epoch(own_redis, tmp_path):
     """Replication is asynchronous: the replica a failover promotes may lack
     trades the old master acknowledged (and clients saw). Numbering on from
@@ -537,6 +538,7 @@ def test_cli_load_failure_is_one_line_and_exit_1(url):
     assert out.stderr.startswith("ws-gateway-functions: error: ")
 
 
+@pytest.mark.slow
 def test_cli_bad_arguments_exit_2():
     assert run_cli(["load", "--history-size", "0"]).returncode == 2
     assert run_cli(["frobnicate"]).returncode == 2

@@ -140,6 +140,7 @@ def trade_lines(lines: list[str]) -> list[str]:
     return [ln for ln in lines if re.match(r"\d\d:\d\d:\d\d\.\d{3}  ", ln)]
 
 
+@pytest.mark.slow
 @needs_redis_server
 def test_tail_prints_trades_and_reconnects_and_ctrl_c_exits_0(redis_server, gateways, tails):
     gw = gateways(redis_server.url)
