@@ -973,6 +973,14 @@ cdef class FanOut:
                         self.gap_callback(channel, pos[0].decode(), pos[1], seq)
                         return 0
                     pos[1] = seq
+                elif self.gap_callback is not None:
+                    # A new epoch: the history started anew (Redis lost it,
+                    # or a failover to a replica that lacked some of it).
+                    # Hold the channel; the control plane announces the
+                    # change and delivers the new epoch from its start.
+                    self.holds[channel] = [payload]
+                    self.gap_callback(channel, pos[0].decode(), pos[1], 0)
+                    return 0
                 else:
                     pos[0] = PyBytes_FromStringAndSize(p + sq.epoch_off, sq.epoch_len)
                     pos[1] = seq

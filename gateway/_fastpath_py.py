@@ -451,6 +451,12 @@ class FanOut:
                     self.gap_callback(channel, pos[0].decode(), pos[1], seq)
                     return
                 pos[1] = seq
+            elif self.gap_callback is not None:
+                # A new epoch (see the compiled module): hold, let the
+                # control plane announce it and deliver it from its start.
+                self._holds[channel] = [payload]
+                self.gap_callback(channel, pos[0].decode(), pos[1], 0)
+                return
             else:
                 pos[0], pos[1] = epoch, seq
             body = b"".join((TRADE_HEAD, data, _protocol.SEQ_MID, str(seq).encode(),

@@ -345,9 +345,15 @@ class Replayer:
 
     # --- the gateway's own gaps ---------------------------------------------
     def on_gap(self, channel: bytes, epoch: str, last: int, seq: int) -> None:
-        """FanOut.gap_callback: the channel is held; fill last+1..seq-1."""
-        log.info("gap in %s: after %d came %d; filling from the history", channel, last, seq)
-        self._spawn(self._fill(channel, epoch, last, seq - 1))
+        """FanOut.gap_callback: the channel is held; fill last+1..seq-1 of
+        ``epoch``, or (``seq`` 0) a trade of another epoch came: announce the
+        new epoch and deliver it from its start."""
+        if seq:
+            log.info("gap in %s: after %d came %d; filling from the history", channel, last, seq)
+        else:
+            log.warning("%s: a trade of a new epoch after seq %d of %s (the history started anew); "
+                        "announcing it", channel, last, epoch)
+        self._spawn(self._fill(channel, epoch, last, max(0, seq - 1)))
 
     def refill(self) -> None:
         """After the Redis subscription comes back: fill every subscribed

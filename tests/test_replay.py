@@ -225,6 +225,57 @@ def test_epoch_changed_after_history_loss(aio, impl, own_redis):
     aio(main())
 
 
+def test_live_epoch_change_is_announced(aio, impl, own_redis):
+    """The history starts anew while the gateway's subscription stays up (a
+    failover to a replica that lacked it, or its keys lost): a subscribed
+    client gets the epoch_changed notice, then the new epoch from seq 1."""
+    sym = fresh()
+
+    async def main():
+        own_redis.start()
+        async with running_gateway(impl, own_redis.url) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            r = own_redis.client()
+            ws = await connect(gw)
+            await subscribe(ws, [sym])
+            publish(r, sym, 4)
+            old = [(m["epoch"], m["seq"]) for m in await trades(ws, 4)]
+            r.delete(f"ws-gateway:{{{sym}}}:meta", f"ws-gateway:{{{sym}}}:history")
+            publish(r, sym, 3)
+            new = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
+            assert new != old[0][0]
+            gap = await recv(ws)
+            assert gap["type"] == "gap" and gap["data"] == {
+                "symbol": sym, "epoch": new, "from": 1, "to": 0, "reason": "epoch_changed"}
+            msgs = await trades(ws, 3)
+            assert [(m["epoch"], m["seq"]) for m in msgs] == [(new, 1), (new, 2), (new, 3)]
+            assert gw.replayer.fills >= 1
+            await ws.close()
+    aio(main())
+
+
+def test_a_new_epoch_holds_the_channel(impl):
+    """A trade of another epoch than the channel's position is held and
+    reported with seq 0 (no Redis needed)."""
+    from gateway import protocol
+    table = impl.SymbolTable()
+    fanout = impl.FanOut(table)
+    conn = impl.ClientListener()
+    frames: list[bytes] = []
+    conn.sink = frames.append
+    table.subscribe(conn, "AAPL")
+    ch = table.channel_for("AAPL")
+    gaps = []
+    fanout.gap_callback = lambda *a: gaps.append(a)
+
+    def msg(seq, epoch):
+        return [b"pmessage", b"channel:trade:*", ch, protocol.published_form(b'{"n":%d}' % seq, seq, epoch)]
+    fanout.dispatch([msg(1, b"e1"), msg(2, b"e1"), msg(1, b"e2"), msg(2, b"e2")])
+    assert gaps == [(ch, "e1", 2, 0)] and fanout.holding(ch)
+    assert fanout.release(ch) == [msg(1, b"e2")[3], msg(2, b"e2")[3]]
+    assert [m["seq"] for m in decoded(frames)] == [1, 2]
+
+
 BAD_SINCE = [
     ({"since": []}, 'Invalid "since": expected an object'),
     ({"since": {"MSFT": {"epoch": "e", "seq": 1}}}, "is not a symbol of this request"),
