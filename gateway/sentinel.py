@@ -48,6 +48,7 @@ from typing import Any
 import hiredis
 
 from .config import RedisTarget, parse_redis_url
+from .redis_reader import encode_command
 
 log = logging.getLogger("gateway.sentinel")
 
@@ -61,14 +62,6 @@ REPEAT_LOG_INTERVAL = 30.0
 class MasterUnknown(OSError):
     """No sentinel named a master (all unreachable, or none knows the name).
     An OSError, so callers that retry connection failures retry this too."""
-
-
-def _encode(*args: str | bytes) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a.encode() if isinstance(a, str) else a
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
 
 
 def _text(value: Any) -> str:
@@ -96,7 +89,7 @@ class _Conn:
         return cls(reader, writer)
 
     def send(self, *args: str | bytes) -> None:
-        self.writer.write(_encode(*args))
+        self.writer.write(encode_command(*args))
 
     async def reply(self, timeout: float | None) -> Any:
         while True:

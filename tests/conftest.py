@@ -8,6 +8,7 @@ itself lives in ``gateway._testbase``.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -80,6 +81,15 @@ def gateway_process(redis_server):
     yield start
     for gw in procs:
         gw.close()
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until true; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout:g} s")
+        time.sleep(interval)
 
 
 def fresh_symbols(n: int) -> list[str]:

@@ -13,6 +13,7 @@ from decimal import Decimal
 import orjson
 import pytest
 import redis
+from conftest import wait_for
 
 from gateway import candle_store, sequencing
 from gateway._testbase.candles import TradePublisher as Publisher
@@ -107,12 +108,6 @@ def check(trades, decoded, symbols, intervals=INTERVALS):
         ns[channel] = n
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout} s")
-        time.sleep(0.05)
 
 
 @pytest.mark.slow

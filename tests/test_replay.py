@@ -257,19 +257,7 @@ def test_live_epoch_change_is_announced(aio, impl, own_redis):
 def test_a_new_epoch_holds_the_channel(impl):
     """A trade of another epoch than the channel's position is held and
     reported with seq 0 (no Redis needed)."""
-    from gateway import protocol
-    table = impl.SymbolTable()
-    fanout = impl.FanOut(table)
-    conn = impl.ClientListener()
-    frames: list[bytes] = []
-    conn.sink = frames.append
-    table.subscribe(conn, "AAPL")
-    ch = table.channel_for("AAPL")
-    gaps = []
-    fanout.gap_callback = lambda *a: gaps.append(a)
-
-    def msg(seq, epoch):
-        return [b"pmessage", b"channel:trade:*", ch, protocol.published_form(b'{"n":%d}' % seq, seq, epoch)]
+    fanout, ch, frames, gaps, msg = one_subscriber(impl)
     fanout.dispatch([msg(1, b"e1"), msg(2, b"e1"), msg(1, b"e2"), msg(2, b"e2")])
     assert gaps == [(ch, "e1", 2, 0)] and fanout.holding(ch)
     assert fanout.release(ch) == [msg(1, b"e2")[3], msg(2, b"e2")[3]]
@@ -330,9 +318,9 @@ def test_gateway_fills_its_own_gap_after_losing_redis(aio, impl, redis_server):
     aio(main())
 
 
-def test_gap_in_the_live_stream_is_filled(impl):
-    """A sequenced message that skips ahead holds the channel until the
-    control plane fills the gap; duplicates are dropped (no Redis needed)."""
+def one_subscriber(impl):
+    """A fan-out with one client on AAPL, no Redis: (fanout, channel, the
+    client's writes, the gap callback's calls, msg(seq, epoch))."""
     from gateway import protocol
     table = impl.SymbolTable()
     fanout = impl.FanOut(table)
@@ -341,11 +329,18 @@ def test_gap_in_the_live_stream_is_filled(impl):
     conn.sink = frames.append
     table.subscribe(conn, "AAPL")
     ch = table.channel_for("AAPL")
-    gaps = []
+    gaps: list[tuple] = []
     fanout.gap_callback = lambda *a: gaps.append(a)
 
-    def msg(seq):
-        return [b"pmessage", b"channel:trade:*", ch, protocol.published_form(b'{"n":%d}' % seq, seq, b"ep")]
+    def msg(seq, epoch=b"ep"):
+        return [b"pmessage", b"channel:trade:*", ch, protocol.published_form(b'{"n":%d}' % seq, seq, epoch)]
+    return fanout, ch, frames, gaps, msg
+
+
+def test_gap_in_the_live_stream_is_filled(impl):
+    """A sequenced message that skips ahead holds the channel until the
+    control plane fills the gap; duplicates are dropped (no Redis needed)."""
+    fanout, ch, frames, gaps, msg = one_subscriber(impl)
     fanout.dispatch([msg(1), msg(2), msg(2), msg(5), msg(6)])
     assert gaps == [(ch, "ep", 2, 5)] and fanout.holding(ch)
     assert fanout.duplicate_messages == 1 and len(frames) == 1

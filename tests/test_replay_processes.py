@@ -21,7 +21,7 @@ import time
 import orjson
 import pytest
 import redis
-from conftest import fresh_symbols, needs_redis_server
+from conftest import fresh_symbols, needs_redis_server, wait_for
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -37,12 +37,6 @@ RECV_TIMEOUT = 10.0
 PATTERNS = 2 if Config().candle_intervals else 1
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout:g} s")
-        time.sleep(interval)
 
 
 def metric(gw: GatewayProcess, name: str) -> float:

@@ -14,7 +14,7 @@ import time
 import orjson
 import pytest
 import redis
-from conftest import fresh_symbols, needs_redis_server
+from conftest import fresh_symbols, needs_redis_server, wait_for
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -50,19 +50,13 @@ def metrics(port: int) -> dict[str, float]:
     return parse_metrics(got[1].decode())
 
 
-def wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout:g} s")
-        time.sleep(0.05)
 
 
 @pytest.mark.slow
 def test_two_workers_share_the_port_survive_a_death_and_stop_together(redis_server, gateway_process):
     gw = gateway_process(WS_WORKERS=2, WS_MAX_CONNECTIONS_PER_IP=0, WS_HEARTBEAT_INTERVAL=30)
     gw.wait_ready()
-    wait(lambda: len(children(gw.pid)) == 2, 10, "two workers")
+    wait_for(lambda: len(children(gw.pid)) == 2, 10, "two workers")
     sym = fresh_symbols(1)[0]
     r = redis.Redis(port=redis_server.port)
 
@@ -86,7 +80,7 @@ def test_two_workers_share_the_port_survive_a_death_and_stop_together(redis_serv
         # Another worker's figures are up to a second old (it writes them once a second).
         def per_worker() -> dict[str, float]:
             return {k: v for k, v in metrics(gw.port).items() if k.startswith("gateway_connections{")}
-        await asyncio.to_thread(wait, lambda: sum(per_worker().values()) == 24, 3, "24 connections")
+        await asyncio.to_thread(wait_for, lambda: sum(per_worker().values()) == 24, 3, "24 connections")
         assert sorted(per_worker()) == ['gateway_connections{worker="0"}', 'gateway_connections{worker="1"}']
 
         # One worker dies: its clients are cut, the other worker's keep their stream.
@@ -102,7 +96,7 @@ def test_two_workers_share_the_port_survive_a_death_and_stop_together(redis_serv
                 pass
         assert 0 < len(alive) < 24 and len({sid for _, sid in alive}) == 1
         await everyone_gets(2, alive)
-        await asyncio.to_thread(wait, lambda: len(children(gw.pid)) == 2 and victim not in children(gw.pid),
+        await asyncio.to_thread(wait_for, lambda: len(children(gw.pid)) == 2 and victim not in children(gw.pid),
                                 10, "the worker restarted")
         # The port is served by two again: new clients reach both.
         fresh = set()
