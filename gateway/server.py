@@ -216,7 +216,8 @@ class Gateway:
         log.info("shutting down: closing %d client connection(s)", len(self.sessions))
         if self.server is not None:
             self.server.close()
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
         transports = [s.listener.transport for s in list(self.sessions)]
         for t in transports:
@@ -226,6 +227,9 @@ class Gateway:
             await asyncio.sleep(0.02)
         for t in transports:
             abort(t)
+        # Let the cancelled tasks finish (a library load in flight, say), so
+        # none is left pending when the loop closes.
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.redis.stop()
         if self.sentinel is not None:
             await self.sentinel.stop()
