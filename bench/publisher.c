@@ -23,6 +23,13 @@
  *   -m rate -r MSGS_PER_S -d SECONDS   open loop: each 1 ms tick publishes its
  *                                  share (rate/1000, fractions carried), late
  *                                  ticks catch up (the schedule is absolute)
+ *   -m rate ... -L N               open loop in pipelines of N: every write
+ *                                  carries N trades, the writes evenly spaced
+ *                                  N/rate s apart on an absolute schedule
+ *                                  (late ones still go one write each); the
+ *                                  total is the same as without -L.  N sets
+ *                                  how many trades one Redis read can carry
+ *                                  to a subscriber that keeps up: 1, 10, 100
  * Prints one JSON report on stdout.
  * Build: gcc -O2 -o publisher publisher.c
  */
@@ -36,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -50,6 +58,7 @@ static long long opt_total = 0;
 static double opt_rate = 0, opt_duration = 0;
 static int opt_window = 4096;
 static int opt_batch = 256;
+static int opt_pipeline = 0;           /* -L: trades per write in rate mode (0: 1 ms ticks) */
 static const char *opt_epoch = NULL;   /* -E: sequenced (published) form */
 
 static char **syms;
@@ -168,7 +177,7 @@ static void load_syms(const char *path) {
 
 int main(int argc, char **argv) {
     int o;
-    while ((o = getopt(argc, argv, "H:p:s:m:n:r:d:w:b:P:E:")) != -1) {
+    while ((o = getopt(argc, argv, "H:p:s:m:n:r:d:w:b:P:E:L:")) != -1) {
         switch (o) {
         case 'H': opt_host = optarg; break;
         case 'p': opt_port = atoi(optarg); break;
@@ -181,15 +190,20 @@ int main(int argc, char **argv) {
         case 'b': opt_batch = atoi(optarg); break;
         case 'P': opt_prefix = optarg; break;
         case 'E': opt_epoch = optarg; break;
+        case 'L': opt_pipeline = atoi(optarg); break;
         default:
             fprintf(stderr, "usage: publisher -p PORT -s SYMFILE (-m sat -n TOTAL [-w WINDOW] | "
-                            "-m rate -r RATE -d SECONDS) [-P prefix] [-E epoch]\n");
+                            "-m rate -r RATE -d SECONDS [-L pipeline]) [-P prefix] [-E epoch]\n");
             return 2;
         }
     }
     int rate_mode = strcmp(opt_mode, "rate") == 0;
     if (!opt_port || !opt_syms || (rate_mode ? (opt_rate <= 0 || opt_duration <= 0) : opt_total <= 0)) {
         fprintf(stderr, "publisher: missing arguments\n");
+        return 2;
+    }
+    if (opt_pipeline < 0 || opt_pipeline > 1000) {
+        fprintf(stderr, "publisher: -L: 1-1000 trades per write\n");
         return 2;
     }
     if (opt_epoch && (!opt_epoch[0] || strlen(opt_epoch) > 32 ||
@@ -229,6 +243,34 @@ int main(int argc, char **argv) {
                 read_replies(1000);
             }
         }
+    } else if (opt_pipeline > 0) {
+        /* Open loop in pipelines of N: the same total as the 1 ms grid below,
+         * write k (N trades, fewer for the last) due at start + k*N/rate s.
+         * Sub-millisecond sleeps need a small timer slack (default 50 us). */
+        prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+        int64_t nticks = (int64_t)(opt_duration * 1000.0 + 0.5);
+        uint64_t total = (uint64_t)(opt_rate * (double)nticks / 1000.0);
+        uint64_t per = (uint64_t)opt_pipeline;
+        double interval_ns = (double)per * 1e9 / opt_rate;
+        int64_t start = now_ns(CLOCK_MONOTONIC) + 1000000, last_read = 0;
+        for (uint64_t k = 0; sent < total; k++) {
+            int64_t due_at = start + (int64_t)((double)k * interval_ns);
+            struct timespec d = {.tv_sec = due_at / 1000000000LL, .tv_nsec = due_at % 1000000000LL};
+            while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &d, NULL) == EINTR) {}
+            int64_t now = now_ns(CLOCK_MONOTONIC), lag = now - due_at;
+            if (lag > max_lag) max_lag = lag;
+            if (lag > 1000000) late_ticks++;
+            uint64_t n = total - sent < per ? total - sent : per;
+            size_t len = 0;
+            for (uint64_t i = 0; i < n; i++) len += build(out + len, sent++);
+            write_all(out, len);
+            ticks++;
+            /* Replies are a few bytes each: read them about once a millisecond,
+             * not once a write (a syscall per write would double ours). */
+            if (now - last_read >= 1000000) { read_replies(0); last_read = now; }
+        }
+        int64_t until = now_ns(CLOCK_MONOTONIC) + 10 * 1000000000LL;
+        while (replies < sent && now_ns(CLOCK_MONOTONIC) < until) read_replies(100);
     } else {
         /* Open loop on an absolute 1 ms grid: tick t is due at start + t ms and
          * publishes floor(rate*(t+1)/1000) - floor(rate*t/1000) messages. */
@@ -263,14 +305,14 @@ int main(int argc, char **argv) {
            "\"receivers_min\":%llu,\"receivers_max\":%llu,\"receivers_zero\":%llu,"
            "\"elapsed_s\":%.4f,\"rate\":%.1f,\"payload_bytes_avg\":%.1f,"
            "\"ticks\":%lld,\"late_ticks\":%lld,\"max_tick_lag_us\":%.1f,"
-           "\"cpu_user_s\":%.4f,\"cpu_sys_s\":%.4f}\n",
+           "\"cpu_user_s\":%.4f,\"cpu_sys_s\":%.4f,\"pipeline\":%d}\n",
            rate_mode ? "rate" : "sat", (unsigned long long)sent, (unsigned long long)replies,
            (unsigned long long)errors, (unsigned long long)(recv_min == UINT64_MAX ? 0 : recv_min),
            (unsigned long long)recv_max, (unsigned long long)recv_zero, elapsed,
            elapsed > 0 ? (double)sent / elapsed : 0.0,
            sent ? (double)payload_bytes / (double)sent : 0.0, (long long)ticks, (long long)late_ticks,
            (double)max_lag / 1000.0, ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6,
-           ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6);
+           ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6, opt_pipeline);
     close(fd);
     return (errors || replies < sent) ? 1 : 0;
 }
