@@ -8,6 +8,10 @@ process:
     compiled   python -m gateway
     purepy     GATEWAY_NO_EXTENSIONS=1 python -m gateway
     baseline   python bench/baseline_gateway.py  (websockets + redis-py + json)
+    floor      bench/floor_gateway.c: the same design in plain C (epoll, one
+               Redis connection, each frame built once per read, one send per
+               client per Redis read), no /metrics: the floor the others are
+               set against (not in the default run)
 
     compiled@REV, purepy@REV
                the gateway of git revision REV (a branch, tag or hash of this
@@ -39,6 +43,11 @@ Scenarios:
                     publishes ({"_seq":..,"_epoch":..,...}; plain PUBLISH, so no
                     Redis Function cost): the gateway frames it with seq/epoch
     latency-seq     latency, with sequenced trades (compare with latency)
+    rate      market topology at fixed offered rates x publisher pipelines
+              (N trades per write, writes evenly spaced): latency, gateway CPU
+              per delivery (schedstat), sends per delivery (the gateway's
+              gateway_writes_total, the floor's own counter), and the ratio to
+              the floor's CPU per delivery in the same run (--variants ...,floor)
 
 The market-* scenarios are comparisons: they always run next to a plain market
 case on the same variant, in the same invocation (the order reversed on odd
@@ -46,9 +55,10 @@ repeats), and the report sets each against that plain run.  They apply to
 compiled and purepy; the baseline has neither JWT nor a shared compressor.
 
 Usage:
-    python bench/fanout.py [--variants compiled,purepy,baseline,compiled@REV,purepy@REV]
+    python bench/fanout.py [--variants compiled,purepy,baseline,floor,compiled@REV,purepy@REV]
                            [--scenarios protocol,market,wide,latency,memory,hot,
-                                        market-deflate,market-mixed,market-auth]
+                                        market-deflate,market-mixed,market-auth,rate]
+                           [--rate-cells 200000x1,1000000x100,...]
                            [--smoke] [--repeat N] [--out bench/results.json]
 
 Exit status: 0 when every case ran and was correct (no loss, order kept,
@@ -81,7 +91,7 @@ ROOT = BENCH.parent
 # editable install points at): free ports, redis-server, /proc readers, spawn.
 sys.path.insert(0, str(ROOT))
 from gateway._testbase import procfs  # noqa: E402
-from gateway._testbase.net import HarnessError, port_open, scrape_metrics  # noqa: E402
+from gateway._testbase.net import HarnessError, free_port, port_open, scrape_metrics  # noqa: E402
 from gateway._testbase.process import GatewayProcess, spawn  # noqa: E402
 from gateway._testbase.redis import RedisServer, redis_installed  # noqa: E402
 
@@ -92,12 +102,22 @@ ALL_VARIANTS = ["compiled", "purepy", "baseline"]
 # Not in the default run: the compiled gateway as `ws-gateway --workers 2`,
 # unpinned (its workers, the load client and Redis share both cores).
 WORKERS_VARIANT = "workers"
-KNOWN_VARIANTS = [*ALL_VARIANTS, WORKERS_VARIANT]
+# Not in the default run either: bench/floor_gateway.c, the same design in C.
+FLOOR_VARIANT = "floor"
+KNOWN_VARIANTS = [*ALL_VARIANTS, WORKERS_VARIANT, FLOOR_VARIANT]
+# Kinds that serve no /metrics and /readyz: readiness is the port and the
+# Redis pattern, the gateway's own counters are not read.
+NO_METRICS_KINDS = ("baseline", FLOOR_VARIANT)
+# The baseline tops out near 150k deliveries/s: the rate scenario runs it only
+# at offered rates up to this (above, a case would just wait out the backlog).
+RATE_BASELINE_MAX = 100_000
 # Kinds that can also run from another git revision (KIND@REV).  The baseline
 # is bench code, not the gateway: it has no revision to compare.
 REV_KINDS = ("compiled", "purepy")
 ALL_SCENARIOS = ["protocol", "market", "wide", "latency", "memory", "hot",
                  "market-deflate", "market-mixed", "market-auth", "market-seq", "latency-seq"]
+# Also runnable, not in the default run: rate (fixed offered rates x pipelines).
+EXTRA_SCENARIOS = ["rate"]
 # The market workload with one feature switched on.  Each is measured against
 # a plain market case run right next to it (see schedule()).
 MARKET_MODES = {
@@ -124,6 +144,9 @@ class Sizes:
     latency_duration_s: float = 5.0
     latency_skip_ms: int = 500         # warm-up not counted in the percentiles
     latency_drain_s: float = 10.0      # how long an overloaded gateway may lag
+    # rate scenario: offered deliveries/s x publisher pipeline (trades per write)
+    rate_loads: tuple = (50_000, 200_000, 500_000, 1_000_000)
+    rate_pipelines: tuple = (1, 10, 100)
     memory_clients: int = 10_000
     memory_settle_s: float = 1.0       # after READY, before reading RSS
     memory_close_wait_s: float = 1.5   # after the clients leave
@@ -139,7 +162,7 @@ SMOKE = Sizes(
     market_symbols=20, market_clients=50, market_msgs=400,
     wide_symbols=500, wide_clients=50, wide_msgs=2000,
     latency_loads=(5_000,), latency_duration_s=1.0, latency_skip_ms=100,
-    latency_drain_s=3.0, memory_clients=200, memory_settle_s=0.3, memory_close_wait_s=0.5, hot_clients=100, hot_msgs=20,
+    latency_drain_s=3.0, rate_loads=(5_000,), rate_pipelines=(1, 10), memory_clients=200, memory_settle_s=0.3, memory_close_wait_s=0.5, hot_clients=100, hot_msgs=20,
     sample_every=4, latency_sample_every=2, sat_timeout_s=15.0,
 )
 
@@ -220,9 +243,13 @@ def build_tools() -> dict[str, Path]:
     cache = Path(tempfile.gettempdir()) / "gateway-bench-build"
     cache.mkdir(exist_ok=True)
     out = {}
-    # The load client inflates permessage-deflate frames with zlib.
-    libs = {"loadclient": ["-lz"], "publisher": []}
-    for name in ("loadclient", "publisher"):
+    # The load client inflates permessage-deflate frames with zlib; the floor
+    # gateway takes SHA-1 (Sec-WebSocket-Accept) from libcrypto where its
+    # headers are installed, else from its own few lines.
+    libs = {"loadclient": ["-lz"], "publisher": [], "floor_gateway": []}
+    if has_c_header(gcc, "openssl/sha.h"):
+        libs["floor_gateway"] = ["-DHAVE_OPENSSL", "-lcrypto"]
+    for name in ("loadclient", "publisher", "floor_gateway"):
         src = BENCH / f"{name}.c"
         # the link flags are part of the key: a binary built without them is stale
         digest = hashlib.sha256(src.read_bytes() + " ".join(libs[name]).encode()).hexdigest()[:16]
@@ -236,6 +263,13 @@ def build_tools() -> dict[str, Path]:
             tmp.replace(exe)   # atomic: concurrent runs never see half a binary
         out[name] = exe
     return out
+
+
+def has_c_header(gcc: str, header: str) -> bool:
+    """Whether `#include <header>` compiles (preprocessor only)."""
+    r = subprocess.run([gcc, "-E", "-x", "c", "-"], input=f"#include <{header}>\n",
+                       capture_output=True, text=True, timeout=60)
+    return r.returncode == 0
 
 
 # ---------------------------------------------------------------- redis ----
@@ -372,7 +406,7 @@ def gateway_source(variant: str) -> tuple[Path, dict]:
 
 def variant_available(variant: str) -> tuple[bool, str]:
     kind = variant_kind(variant)
-    if kind == "baseline":
+    if kind in NO_METRICS_KINDS:    # bench code: built or run as it is
         return True, ""
     probe = ("import gateway._fastpath" if kind in ("compiled", WORKERS_VARIANT) else "import gateway")
     probe += "; import gateway as g; print(g.__file__)"
@@ -430,10 +464,18 @@ class Gateway:
                    WS_MAX_CONNECTIONS_PER_IP="0")
         env.update(extra_env or {})
         kind = variant_kind(variant)
+        self.kind = kind
         cwd, source_env = gateway_source(variant)
         env.update(source_env)
+        port = None
         if kind == "baseline":
             argv = [sys.executable, str(BENCH / "baseline_gateway.py")]
+        elif kind == FLOOR_VARIANT:
+            # The C floor takes its ports as arguments (GatewayProcess would
+            # pick the port only after the argv is made).
+            port = free_port()
+            argv = [str(build_tools()["floor_gateway"]), "-p", str(port), "-r", str(redis.port),
+                    "-P", CHANNEL_PREFIX]
         else:
             argv = [sys.executable, "-m", "gateway"]
             if kind == "purepy":
@@ -443,7 +485,7 @@ class Gateway:
             env["WS_WORKERS"] = str(self.workers)
         if redis.numpat() != 0:
             raise HarnessError("a previous gateway still holds its Redis pattern")
-        self.gp = GatewayProcess(redis.url, log_path=self.log, env=env, argv=argv, cwd=cwd,
+        self.gp = GatewayProcess(redis.url, port=port, log_path=self.log, env=env, argv=argv, cwd=cwd,
                                  cpu=GATEWAY_CPU if self.workers == 1 else None, new_group=True,
                                  die_with_parent=True, nofile=nofile)
         self.port = self.gp.port
@@ -484,6 +526,49 @@ class Gateway:
 
     def alive(self) -> bool:
         return self.gp.alive()
+
+    def counters(self) -> dict | None:
+        """The gateway's own delivery counters, from its start: frames
+        delivered, socket writes to clients ("sends"), Redis messages (and, for
+        the floor, Redis reads).  None for the baseline, which counts nothing.
+
+        compiled/purepy: /metrics (gateway_writes_total counts one write per
+        client per batch: what reaches picows' transport; a transport with
+        bytes already queued appends instead of sending).  floor: SIGUSR1 makes
+        it print a STATS line; its sends are send() calls, EAGAIN included.
+        Both cost the gateway a little CPU: read them outside a timed window.
+        """
+        if self.kind == "baseline":
+            return None
+        if self.kind == FLOOR_VARIANT:
+            return self._floor_stats()
+        m = scrape_metrics(self.port, timeout=5.0)
+        if m is None:
+            return None
+
+        def total(name: str) -> float | None:
+            # one process, or the sum over --workers' labelled series
+            vals = [v for k, v in m.items() if k == name or k.startswith(name + "{")]
+            return sum(vals) if vals else None
+        return {"frames": total("gateway_frames_sent_total"), "sends": total("gateway_writes_total"),
+                "redis_messages": total("gateway_redis_messages_total"), "redis_reads": None}
+
+    def _floor_stats(self) -> dict | None:
+        def stats_lines() -> list[str]:
+            return [ln for ln in self.log.read_text(errors="replace").splitlines()
+                    if ln.startswith("STATS ")]
+        before = len(stats_lines())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            lines = stats_lines()
+            if len(lines) > before:
+                st = json.loads(lines[-1].split(" ", 1)[1])
+                return {"frames": st["frames"], "sends": st["sends"],
+                        "redis_messages": st["redis_messages"], "redis_reads": st["redis_reads"]}
+            time.sleep(0.01)
+        return None
 
     def cpu_s(self) -> float:
         return sum(proc_cpu_or_zero(p) for p in self.pids())
@@ -632,12 +717,17 @@ class LoadClient:
 
 def run_publisher(exe: Path, redis: Redis, symfile: Path, workdir: Path, *,
                   total: int | None = None, rate: int | None = None,
-                  duration_s: float | None = None, timeout: float, seq: bool = False) -> dict:
+                  duration_s: float | None = None, timeout: float, seq: bool = False,
+                  pipeline: int | None = None) -> dict:
+    """pipeline (rate mode): N trades per write, writes evenly spaced (publisher
+    -L); None: each 1 ms tick writes its share."""
     argv = [str(exe), "-p", str(redis.port), "-s", str(symfile), "-P", CHANNEL_PREFIX]
     if seq:
         argv += ["-E", SEQ_EPOCH]
     if rate:
         argv += ["-m", "rate", "-r", str(rate), "-d", f"{duration_s:.3f}"]
+        if pipeline:
+            argv += ["-L", str(pipeline)]
     else:
         argv += ["-m", "sat", "-n", str(total)]
     outp = workdir / f"publisher-{time.monotonic_ns()}.out"
@@ -736,13 +826,17 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
                   rate: int | None = None, duration_s: float | None = None, sample: int,
                   skip_ms: int = 0, allow_overload: bool = False, inflight: int = 64,
                   mode: str = "plain", deflate: float = 0.0, auth: bool = False,
-                  seq: bool = False) -> dict:
+                  seq: bool = False, pipeline: int | None = None, count_sends: bool = False) -> dict:
     """One gateway, one load client, one publisher run; returns the case record.
 
     deflate: fraction of the clients that offer permessage-deflate.
     auth: run the gateway with WS_JWT_SECRET and give every client its own token.
     seq: publish every trade in publish_trade's sequenced form (plain PUBLISH).
+    pipeline: with rate, the publisher writes N trades at a time (see run_publisher).
+    count_sends: read the gateway's own counters (Gateway.counters) just
+    outside the timed window, for sends per delivery.
     """
+    loadavg = os.getloadavg()
     sz = ctx.sizes
     if rate:
         nticks = int(duration_s * 1000 + 0.5)
@@ -792,6 +886,9 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         # window ends a little late, but an idle gateway spends nothing then.
         sched_c1 = gw.schedstat()
         rss_ready = gw.rss_kib()
+        counts0 = gw.counters() if count_sends else None
+        if counts0 is not None:
+            time.sleep(0.05)    # the gateway back asleep: schedstat up to date
         cpu0, rcpu0, t0_real = gw.cpu_s(), ctx.redis.cpu_s(), time.time_ns()
         sched0 = gw.schedstat()
         cores0 = procfs.core_times()
@@ -799,18 +896,20 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         ksoft0 = proc_cpu_or_zero(ksoft_pid)
         pub = run_publisher(ctx.tools["publisher"], ctx.redis, symfile, ctx.workdir,
                             total=None if rate else total_msgs, rate=rate, duration_s=duration_s,
-                            timeout=(duration_s + 15) if rate else sz.sat_timeout_s, seq=seq)
+                            timeout=(duration_s + 15) if rate else sz.sat_timeout_s, seq=seq,
+                            pipeline=pipeline)
         rep = lc.finish(timeout=run_budget + 30)
         cpu1, rcpu1 = gw.cpu_s(), ctx.redis.cpu_s()
         sched1 = gw.schedstat()
         cores1 = procfs.core_times()
         ksoft1 = proc_cpu_or_zero(ksoft_pid)
         alive = gw.alive()
+        counts1 = gw.counters() if counts0 is not None and alive else None
         rss_end = gw.rss_kib() if alive else None
         if auth and alive:
             auth_probs = auth_refusals(gw.port, secret)   # after the measurement
         seq_probs, seq_counts = [], None
-        if alive and variant_kind(variant) != "baseline":
+        if alive and variant_kind(variant) not in NO_METRICS_KINDS:
             # after the measurement: did the gateway take the trades as
             # sequenced (seq) or as plain (not seq), without duplicates or gaps?
             seq_probs, seq_counts = sequenced_check(gw.port, pub["sent"] if seq else 0)
@@ -858,6 +957,14 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
     sched_cpu = (sched1[0] - sched0[0]) / 1e9 if sched0 and sched1 else None
     connect_cpu = (sched_c1[0] - sched_w1[0]) / 1e9 if sched_w1 and sched_c1 else None
     cframes, pframes = rep["compressed_frames"], frames - rep["compressed_frames"]
+    counted = ({k: (counts1[k] - counts0[k]) if counts1.get(k) is not None and counts0.get(k) is not None
+                else None for k in counts1} if counts0 and counts1 else None)
+    sends = counted.get("sends") if counted else None
+    if counted and counted.get("frames") is not None and counted["frames"] != frames:
+        # the load client got something the gateway did not count (or the
+        # reverse): the per-delivery figures would not mean what they say
+        probs.append(f"gateway counted {counted['frames']:.0f} frames delivered, "
+                     f"the load client received {frames}")
     return {
         "variant": variant, "mode": mode, "clients": n, "symbols": topo.nsym,
         "published": pub["sent"], "expected_deliveries": expected, "deliveries": frames,
@@ -907,6 +1014,13 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         "offered_deliveries_per_s": (rate * expected / total_msgs) if rate and total_msgs else None,
         "overloaded": overloaded, "connected": ok_conns, "connect_failed": failed,
         "sequenced": seq, "gateway_seq_counters": seq_counts,
+        "pipeline": pipeline, "loadavg_at_start": loadavg,
+        # the gateway's own counters over the window (Gateway.counters)
+        "gateway_counted": counted,
+        "gateway_sends_per_delivery": sends / frames if sends is not None and frames else None,
+        "gateway_us_per_send": sched_cpu / sends * 1e6 if sends and sched_cpu else None,
+        "trades_per_redis_read": (counted["redis_messages"] / counted["redis_reads"]
+                                  if counted and counted.get("redis_reads") else None),
         "ok": not probs, "problems": probs,
         "loadclient": slim(rep), "publisher": pub,
     }
@@ -967,11 +1081,14 @@ def market_mode(name: str):
 
 def not_applicable(scen: str, variant: str) -> str | None:
     """Why a scenario does not run on a variant (None: it does)."""
-    if scen == "latency-seq" and variant_kind(variant) == "baseline":
-        return "the baseline does not know sequenced trades"
-    if scen in MARKET_MODES and variant_kind(variant) == "baseline":
+    kind = variant_kind(variant)
+    if scen == "latency-seq" and kind in NO_METRICS_KINDS:
+        return f"the {kind} does not know sequenced trades"
+    if scen in MARKET_MODES and kind == "baseline":
         return ("the baseline has no JWT check and compresses per connection with "
                 "websockets' own deflate: not the gateway's feature under test")
+    if scen in MARKET_MODES and kind == FLOOR_VARIANT:
+        return "the floor has no JWT check, no compression and no sequencing"
     return None
 
 
@@ -1047,6 +1164,37 @@ def scen_latency_seq(ctx: Ctx, variant: str) -> list[dict]:
         rec["offered_label"] = load
         out.append(rec)
     return out
+
+
+def rate_cells(sz: Sizes) -> list[tuple[int, int]]:
+    """(offered deliveries/s, publisher pipeline) of the rate scenario."""
+    return [(load, pipe) for load in sz.rate_loads for pipe in sz.rate_pipelines]
+
+
+def scen_rate(ctx: Ctx, variant: str, load: int, pipeline: int) -> list[dict]:
+    """One cell of the rate scenario: the market topology (1,000 clients x 5
+    of 100 symbols) at a fixed offered delivery rate, the publisher writing
+    `pipeline` trades at a time on an even schedule, so that a Redis read
+    carries about `pipeline` trades to a gateway that keeps up.  CPU per
+    delivery here is the cost of the work at that rate, not of how far the
+    gateway batches at saturation; sends per delivery say how much of it is
+    the kernel's per-send cost."""
+    sz = ctx.sizes
+    topo = Topology(sz.market_symbols, client_symbols(sz.market_clients, sz.market_symbols, sz.per_client))
+    fan = sum(topo.subscribers) / topo.nsym
+    rate = max(1, round(load / fan))
+    rec = delivery_case(ctx, variant, f"rate{load}x{pipeline}-{variant}", topo, rate=rate,
+                        duration_s=sz.latency_duration_s, sample=sz.latency_sample_every,
+                        skip_ms=sz.latency_skip_ms, allow_overload=True, pipeline=pipeline,
+                        count_sends=True)
+    rec["offered_label"] = load
+    return [rec]
+
+
+def rate_not_applicable(variant: str, load: int) -> str | None:
+    if variant_kind(variant) == "baseline" and load > RATE_BASELINE_MAX:
+        return f"the baseline is run only up to {RATE_BASELINE_MAX:,} deliveries/s (it saturates near 150k)"
+    return None
 
 
 def scen_memory(ctx: Ctx, variant: str) -> list[dict]:
@@ -1281,7 +1429,7 @@ def scen_protocol(ctx: Ctx, variant: str) -> list[dict]:
 
 SCENARIOS = {"protocol": scen_protocol, "market": scen_market, "wide": scen_wide,
              "latency": scen_latency, "memory": scen_memory, "hot": scen_hot,
-             "latency-seq": scen_latency_seq,
+             "latency-seq": scen_latency_seq, "rate": scen_rate,
              **{name: market_mode(name) for name in MARKET_MODES}}
 
 
@@ -1328,6 +1476,8 @@ def markdown(results: list[dict], revisions: dict | None = None) -> str:
                     fmt(r["gateway_rss_kib_after_close"] / 1024 if r.get("gateway_rss_kib_after_close") else None, ".1f"),
                     fmt(r["gateway_rss_kib_after_close2"] / 1024 if r.get("gateway_rss_kib_after_close2") else None, ".1f")]
                    for r in rs])
+        elif scen == "rate":
+            rate_table(rs, table, out)
         elif scen in ("latency", "latency-seq"):
             table(["variant", "offered/s", "achieved/s", "sustained", "p50 ms", "p99 ms", "p99.9 ms",
                    "max ms", "gw CPU util", "gw µs/deliv", "lc CPU s", "pub CPU s",
@@ -1364,6 +1514,39 @@ def markdown(results: list[dict], revisions: dict | None = None) -> str:
     compare_latency_seq(results, table, out)
     compare_revisions(results, table, out)
     return "\n".join(out)
+
+
+def rate_table(rs: list[dict], table, out: list[str]) -> None:
+    """The rate scenario: one row per cell, variant and repeat, each with the
+    ratio of its CPU per delivery to the floor's in the same cell and repeat
+    (measured seconds apart).  CPU from schedstat (ns); µs/send is the
+    gateway's whole CPU over its sends, user space included."""
+    cases = [r for r in rs if "latency_us" in r]
+    floor = {(r["offered_label"], r["pipeline"], r["repeat"]): r for r in cases
+             if variant_kind(r["variant"]) == FLOOR_VARIANT}
+
+    def vs_floor(r: dict) -> str:
+        f = floor.get((r["offered_label"], r["pipeline"], r["repeat"]))
+        a = r.get("gateway_cpu_us_per_delivery_schedstat")
+        b = f.get("gateway_cpu_us_per_delivery_schedstat") if f else None
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    rows = []
+    for r in sorted(cases, key=lambda r: (r["offered_label"], r["pipeline"], r["repeat"], r["variant"])):
+        la = r.get("loadavg_at_start")
+        rows.append([f"{r['offered_label']:,}", r["pipeline"], r["repeat"], r["variant"],
+                     fmt(r.get("deliveries_per_s"), ",.0f"), "no" if r.get("overloaded") else "yes",
+                     fmt(r["latency_us"]["p50"] / 1000, ".3f"), fmt(r["latency_us"]["p99"] / 1000, ".3f"),
+                     fmt(r["latency_us"]["p999"] / 1000, ".3f"),
+                     fmt(r.get("gateway_cpu_util"), ".0%"),
+                     fmt(r.get("gateway_cpu_us_per_delivery_schedstat"), ".3f"), vs_floor(r),
+                     fmt(r.get("gateway_sends_per_delivery"), ".3f"), fmt(r.get("gateway_us_per_send"), ".2f"),
+                     fmt(r.get("trades_per_redis_read"), ".1f"),
+                     fmt(r.get("loadclient_cpu_us_per_delivery"), ".2f"),
+                     fmt(la[0] if la else None, ".2f"), r.get("missing"), r.get("ok")])
+    table(["offered/s", "pipeline", "rep", "variant", "achieved/s", "sustained", "p50 ms", "p99 ms",
+           "p99.9 ms", "gw CPU", "gw µs/deliv", "vs floor", "sends/deliv", "gw µs/send",
+           "trades/read", "lc µs/deliv", "load 1m", "missing", "ok"], rows)
 
 
 def compare_revisions(results: list[dict], table, out: list[str]) -> None:
@@ -1479,11 +1662,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="runs per variant, order alternating")
     p.add_argument("--out", default=str(BENCH / "results.json"))
     p.add_argument("--keep-workdir", action="store_true", help="keep logs and temp files")
+    p.add_argument("--rate-cells", default=None,
+                   help="rate scenario cells as LOADxPIPELINE,... (offered deliveries/s x "
+                        "trades per publisher write), e.g. 200000x1,1000000x100; "
+                        "default every load of 50k/200k/500k/1M with pipelines 1, 10, 100")
     p.add_argument("--noisy-retries", type=int, default=None,
                    help="re-run a case whose gateway core was shared with other tasks "
                         "(default 1, 0 with --smoke)")
     a = p.parse_args(argv)
     a.scenarios = [s for s in a.scenarios.split(",") if s]
+    if a.rate_cells is not None:
+        cells = []
+        for c in a.rate_cells.split(","):
+            m = re.fullmatch(r"(\d+)x(\d+)", c.strip())
+            if not m or int(m.group(1)) <= 0 or not 0 < int(m.group(2)) <= 1000:
+                p.error(f"--rate-cells: {c!r} is not LOADxPIPELINE (pipeline 1-1000)")
+            cells.append((int(m.group(1)), int(m.group(2))))
+        a.rate_cells = cells
     specs = [v for v in a.variants.split(",") if v]
     a.variants = []
     for spec in specs:
@@ -1524,11 +1719,13 @@ def meta(args) -> dict:
             "kernel": platform.release(),
             "versions": {m: ver(m) for m in ("websockets", "redis", "picows", "hiredis",
                                              "orjson", "uvloop", "ws-gateway")},
-            "pinning": {"gateway": GATEWAY_CPU, "redis+publisher+loadclient+harness": AUX_CPU}}
+            "pinning": {"gateway": GATEWAY_CPU, "redis+publisher+loadclient+harness": AUX_CPU},
+            "loadavg_end": os.getloadavg()}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    loadavg_start = os.getloadavg()
     sizes = SMOKE if args.smoke else Sizes()
     retries = args.noisy_retries if args.noisy_retries is not None else (0 if args.smoke else 1)
     # This script polls and parses on the auxiliary core, never on the gateway's.
@@ -1554,10 +1751,16 @@ def main(argv=None) -> int:
             if v in avail:
                 print(f"[rev] {v}: runs {src.gateway_file}", file=sys.stderr)
 
-        def run_case(scen: str, v: str, rep: int) -> None:
+        def run_case(scen: str, v: str, rep: int, cell: tuple[int, int] | None = None) -> None:
             base = {"scenario": scen, "variant": v, "repeat": rep}
+            kw = {}
+            if cell is not None:
+                base.update(offered_label=cell[0], pipeline=cell[1])
+                kw = {"load": cell[0], "pipeline": cell[1]}
             ok, why = avail[v]
             why = why if not ok else not_applicable(scen, v)
+            if not why and cell is not None:
+                why = rate_not_applicable(v, cell[0])
             if why:
                 results.append({**base, "skipped": why, "ok": True})
                 print(f"[skip] {scen}/{v}: {why}", file=sys.stderr)
@@ -1565,7 +1768,7 @@ def main(argv=None) -> int:
             t = time.monotonic()
             try:
                 for attempt in range(1 + retries):
-                    recs = SCENARIOS[scen](ctx, v)
+                    recs = SCENARIOS[scen](ctx, v, **kw)
                     if not any(r.get("gateway_core_shared") for r in recs):
                         break
                     if attempt < retries:
@@ -1578,17 +1781,30 @@ def main(argv=None) -> int:
                 # that case; the run goes on with the next one.
                 results.append({**base, "ok": False, "error": str(e), "problems": [str(e)]})
             status = "ok" if all(r.get("ok") for r in results if r["scenario"] == scen
-                                 and r["variant"] == v and r["repeat"] == rep) else "FAIL"
-            print(f"[{status}] {scen}/{v} in {time.monotonic() - t:.1f}s", file=sys.stderr)
+                                 and r["variant"] == v and r["repeat"] == rep
+                                 and r.get("pipeline") == base.get("pipeline")
+                                 and r.get("offered_label") == base.get("offered_label")) else "FAIL"
+            label = f"{scen}{f' {cell[0]}x{cell[1]}' if cell else ''}/{v}"
+            print(f"[{status}] {label} in {time.monotonic() - t:.1f}s", file=sys.stderr)
 
         for unit in schedule(args.scenarios):
             for rep in range(args.repeat):
                 order = args.variants if rep % 2 == 0 else list(reversed(args.variants))
+                if unit == ["rate"]:
+                    # cell by cell, every variant in turn: the ratio to the
+                    # floor compares runs made seconds apart; odd repeats go
+                    # through the cells and the variants backwards
+                    cells = args.rate_cells or rate_cells(sizes)
+                    for cell in (cells if rep % 2 == 0 else list(reversed(cells))):
+                        for v in order:
+                            run_case("rate", v, rep, cell)
+                    continue
                 for v in order:
                     for scen in (unit if rep % 2 == 0 else list(reversed(unit))):
                         run_case(scen, v, rep)
     trees.cleanup()
     info = meta(args)
+    info["loadavg_start"] = loadavg_start
     return bench.finish(info, args.out, markdown(results, info["revisions"]))
 
 

@@ -3,7 +3,8 @@
 Runs `bench/fanout.py --smoke` as a subprocess (its own redis-server, the C
 load client and publisher built with gcc) against the baseline gateway and,
 when the package is importable, the compiled gateway, where the smoke run also
-covers the market-deflate, market-mixed and market-auth comparisons.  The
+covers the market-deflate, market-mixed and market-auth comparisons; and the
+rate scenario with the C floor gateway (bench/floor_gateway.c) beside it.  The
 numbers are not checked here, only that the run completes and every delivery
 arrived in order.
 """
@@ -69,6 +70,54 @@ def test_fanout_smoke(variant, tmp_path):
     assert proc.returncode == 0, report
     if variant == "compiled":
         _check_market_modes(results, report)
+
+
+@pytest.mark.parametrize("variants", [
+    pytest.param("floor", id="floor"),
+    pytest.param("compiled,floor", id="compiled,floor",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("gateway") is None,
+                                          reason="gateway package not importable")),
+])
+def test_rate_smoke(variants, tmp_path):
+    """The rate scenario (fixed offered rates x publisher pipelines, sends
+    counted) and the C floor gateway (also in the saturation and protocol
+    scenarios): the run completes, nothing is lost, order is kept, and every
+    rate case has its sends per delivery and its ratio to the floor."""
+    out = tmp_path / "rate.json"
+    proc = subprocess.run(
+        [sys.executable, str(FANOUT), "--smoke", "--variants", variants,
+         "--scenarios", "protocol,market,rate", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    report = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert out.exists(), report
+    doc = json.loads(out.read_text())
+    assert doc["harness_error"] is None, report
+    results = doc["results"]
+    assert {r["variant"] for r in results} == set(variants.split(",")), report
+    for r in results:
+        assert "skipped" not in r, (r["scenario"], r["variant"], report)
+        assert r["ok"], (r["scenario"], r["variant"], r.get("problems"), report)
+        if "deliveries" in r:
+            assert r["missing"] == 0 and r["order_violations"] == 0, (r["scenario"], report)
+            assert r["deliveries"] == r["expected_deliveries"] > 0, (r["scenario"], report)
+            assert r["loadclient"]["sampled_frames"] > 0, (r["scenario"], report)
+    rate = [r for r in results if r["scenario"] == "rate"]
+    cells = {(r["offered_label"], r["pipeline"]) for r in rate}
+    assert cells == {(5000, 1), (5000, 10)}, report
+    for r in rate:
+        assert r["publisher"]["pipeline"] == r["pipeline"], report
+        counted = r["gateway_counted"]
+        assert counted is not None and counted["frames"] == r["deliveries"], (r["variant"], report)
+        # at most one send per delivery, and fewer once a read carries many trades
+        assert 0 < r["gateway_sends_per_delivery"] <= 1.05, (r["variant"], report)
+        if r["variant"] == "floor":
+            assert r["trades_per_redis_read"] >= 1, report
+    for r in rate:
+        if r["pipeline"] == 10:
+            one = next(x for x in rate if x["variant"] == r["variant"] and x["pipeline"] == 1)
+            assert r["gateway_sends_per_delivery"] < one["gateway_sends_per_delivery"], report
+    assert "| vs floor |" in proc.stdout and "1.00x" in proc.stdout, report
+    assert proc.returncode == 0, report
 
 
 def test_variant_names():
