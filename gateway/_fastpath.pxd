@@ -90,7 +90,7 @@ cdef class FanOut:
         # in the gateway's own stream is filled from the history.
         dict holds
         public object gap_callback
-        object compressor                # zlib raw deflate for permessage-deflate clients
+        public Py_ssize_t compression_min_size  # shorter messages go plain to deflate clients too
         uint64_t latency_counts[14]      # N_BUCKETS + 1 (+Inf)
         int64_t latency_sum_ns
 

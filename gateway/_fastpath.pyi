@@ -81,6 +81,7 @@ class FanOut:
     max_buffered: int
     slow_consumer_callback: Callable[[ClientListener], Any] | None
     gap_callback: Callable[[bytes, str, int, int], Any] | None
+    compression_min_size: int
     def __init__(self, table: SymbolTable, max_buffered: int = ...,
                  slow_consumer_callback: Callable[[ClientListener], Any] | None = None) -> None: ...
     @property

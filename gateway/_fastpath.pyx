@@ -29,15 +29,16 @@ from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 from gateway._picows_adapter cimport fast_write, release_handshake_state
 
 import logging
-import zlib
 
 import hiredis
 
+from gateway import compression as _compression
 from gateway import frames as _frames
 from gateway import protocol as _protocol
 
 _log = logging.getLogger("gateway.fastpath")
-_Z_FULL_FLUSH = zlib.Z_FULL_FLUSH
+# The one compressor (gateway.compression): the twin and replays call it too.
+cdef object _deflate_payload = _compression.deflate_payload
 
 
 # Loops start on 32-byte boundaries. The validator's scanning loops are
@@ -345,6 +346,12 @@ cdef inline Py_ssize_t _header_size(Py_ssize_t body) noexcept nogil:
     if body < 65536:
         return 4
     return 10
+
+
+cdef inline Py_ssize_t _frame_header_len(const char* frame) noexcept nogil:
+    # The header length of a server frame written by _write_header.
+    cdef uint8_t n = (<const uint8_t*>frame)[1]
+    return 2 if n < 126 else (4 if n == 126 else 10)
 
 
 cdef inline void _write_header(uint8_t* h, Py_ssize_t body) noexcept nogil:
@@ -865,9 +872,7 @@ cdef class FanOut:
         self.touched = []
         self.holds = {}
         self.gap_callback = None
-        # One raw-deflate stream; a full flush after each message makes every
-        # message decodable on its own, whoever received the ones before.
-        self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self.compression_min_size = 0
 
     def __dealloc__(self):
         free(self.scratch)
@@ -1030,13 +1035,15 @@ cdef class FanOut:
         cdef Py_ssize_t j, nsubs = PyList_GET_SIZE(subs), fsize, held = 0, skipped = 0
         cdef const char* fptr
         cdef ClientListener conn
+        # A message shorter than compression_min_size goes plain to everyone.
+        cdef bint small = size - _frame_header_len(self.scratch) < self.compression_min_size
         zframe = None
         for j in range(nsubs):
             conn = <ClientListener>PyList_GET_ITEM(subs, j)
             if conn.floors is not None and conn.below_floor(channel, epoch, elen, seq):
                 skipped += 1
                 continue
-            if conn.deflate:
+            if conn.deflate and not small:
                 # Compressed once per message, for every client that
                 # negotiated permessage-deflate (server_no_context_takeover).
                 if zframe is None:
@@ -1064,13 +1071,11 @@ cdef class FanOut:
         return 0
 
     cdef bytes _deflate_frame(self, Py_ssize_t size):
-        # The plain frame in scratch -> the same message as a compressed frame.
-        cdef Py_ssize_t h = 2 if (<uint8_t*>self.scratch)[1] < 126 else (
-            4 if (<uint8_t*>self.scratch)[1] == 126 else 10)
-        body = PyBytes_FromStringAndSize(self.scratch + h, size - h)
-        z = self.compressor.compress(body) + self.compressor.flush(_Z_FULL_FLUSH)
-        # RFC 7692 7.2.1: drop the trailing empty block's 00 00 ff ff.
-        cdef Py_ssize_t zn = PyBytes_GET_SIZE(z) - 4
+        # The plain frame in scratch -> the same message as a compressed frame,
+        # by gateway.compression.deflate_payload (RFC 7692 framing included).
+        cdef Py_ssize_t h = _frame_header_len(self.scratch)
+        cdef bytes z = _deflate_payload(PyBytes_FromStringAndSize(self.scratch + h, size - h))
+        cdef Py_ssize_t zn = PyBytes_GET_SIZE(z)
         cdef Py_ssize_t zh = _header_size(zn)
         cdef bytes out = PyBytes_FromStringAndSize(NULL, zh + zn)
         cdef char* o = PyBytes_AS_STRING(out)

@@ -342,7 +342,7 @@ class FanOut:
                  "_bytes_sent", "_writes", "_dropped_payloads", "_unrouted_messages", "_batches",
                  "_dispatch_errors", "_conflated_messages", "_compressed_messages",
                  "_sequenced_messages", "_duplicate_messages", "_candle_messages", "_holds",
-                 "gap_callback")
+                 "gap_callback", "compression_min_size")
 
     # Read-only from outside, as in the compiled module.
     table = property(attrgetter("_table"))
@@ -374,6 +374,7 @@ class FanOut:
         self._sequenced_messages = self._duplicate_messages = self._candle_messages = 0
         self._holds: dict[bytes, list[bytes]] = {}
         self.gap_callback: Callable[[bytes, str, int, int], Any] | None = None
+        self.compression_min_size = 0
 
     def dispatch(self, replies: list) -> None:
         """Route already-parsed Redis replies (pmessages; others are ignored)
@@ -481,13 +482,15 @@ class FanOut:
         # framed once, compressed once for the deflate clients.
         frame = encode_text_frame(body)
         zframe = None
+        # A message shorter than compression_min_size goes plain to everyone.
+        small = len(body) < self.compression_min_size
         held = skipped = 0
         for conn in subs:
             if conn._floors is not None and conn._below_floor(channel, epoch, seq):
                 skipped += 1
                 continue
             f = frame
-            if conn.deflate:
+            if conn.deflate and not small:
                 if zframe is None:
                     zframe = self._deflate_frame(body)
                 f = zframe
@@ -509,6 +512,7 @@ class FanOut:
 
     def _deflate_frame(self, body: bytes) -> bytes:
         self._compressed_messages += 1
+        # compression.deflate_payload inside: what the compiled module calls.
         return compress_message(body)
 
     def _flush(self) -> None:

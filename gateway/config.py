@@ -413,6 +413,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Redis channel prefix of candle streams (PREFIX<interval>:<SYMBOL>)"),
     Setting("compression", "WS_COMPRESSION", "--compression", "on", _on_off,
             "permessage-deflate for clients that offer it: on or off"),
+    Setting("compression_min_size", "WS_COMPRESSION_MIN_SIZE", "--compression-min-size", "128", _int(0),
+            "messages shorter than this many bytes go uncompressed to permessage-deflate clients too "
+            "(deflate saves too little on them to pay for itself); 0: compress every message"),
     Setting("web_ui", "WS_WEB_UI", "--web-ui", "off", _on_off,
             "serve the live web page on GET / (and its files under /ui/): on or off"),
     Setting("log_level", "LOG_LEVEL", "--log-level", "INFO", _log_level,
@@ -474,6 +477,7 @@ class Config:
     candle_backfill: int = 100
     candle_channel_prefix: str = "channel:candle:"
     compression: bool = True
+    compression_min_size: int = 128
     web_ui: bool = False
     log_level: str = "INFO"
     redis: RedisTarget = dataclasses.field(default_factory=RedisTarget)

@@ -10,6 +10,7 @@ and candles never pass through any of this Python.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import signal
@@ -57,6 +58,7 @@ class Gateway:
                                            config.candle_channel_prefix.encode())
         self.fanout = self.impl.FanOut(self.table, max_buffered=config.max_buffered_bytes,
                                        slow_consumer_callback=on_slow_consumer)
+        self.fanout.compression_min_size = config.compression_min_size
         self.access = AccessPolicy(config)
         self.sessions: set[Session] = set()
         self.counters = Counters(self.fanout, self.table, self.sessions, self.access.refusals)
@@ -78,7 +80,7 @@ class Gateway:
         self.replayer = Replayer(
             self.impl, self.fanout, self.table,
             lambda symbol, after, count: sequencing.read_history(self.history, symbol, after, count),
-            compression.deflate_frame,
+            functools.partial(compression.deflate_frame, min_size=config.compression_min_size),
             read_backfill=lambda symbol, interval, count: candle_store.read_backfill(
                 self.history, symbol, interval, count),
             backfill=config.candle_backfill)

@@ -63,6 +63,7 @@ INT_BOUNDS = {
     "connect_burst": (0, None),
     "history_size": (1, 10_000_000),
     "candle_backfill": (0, 10000),
+    "compression_min_size": (0, None),
     "backlog": (0, 1 << 20),
     "workers": (1, 1024),
 }

@@ -221,6 +221,12 @@ def test_page_shows_trades_and_candles(browser, redis_srv, processes, tmp_path):
     assert page.page.locator("#chart canvas").count() > 0
     assert page.page.locator("#gap-count").inner_text() == "0"
     assert page.console_errors == []
+    # Chromium negotiated permessage-deflate: every trade above came compressed
+    # (RFC 7692 BFINAL blocks, one inflater kept across messages by the browser).
+    metrics = http_get(gw.port, "/metrics")[2].decode()
+    compressed = next(float(line.split()[-1]) for line in metrics.splitlines()
+                      if line.startswith("gateway_compressed_messages_total "))
+    assert compressed >= sum(len(pub.seqs(s)) for s in symbols)
 
     shot = tmp_path / "web-ui.png"
     page.page.mouse.move(5, 5)                      # no crosshair over the chart
