@@ -367,12 +367,13 @@ static ssize_t inflate_message(const uint8_t *p, size_t n) {
             zs.avail_out = (uInt)(zout_cap - have);
             int r = inflate(&zs, Z_NO_FLUSH);
             have = (size_t)(zs.next_out - zout);
-            if (r == Z_STREAM_END) return (ssize_t)have;   /* a final block: nothing follows */
+            if (r == Z_STREAM_END) goto done;   /* a final block (RFC 7692 7.2.3.4): the message ends */
             if (r == Z_BUF_ERROR) break;                   /* input used up */
             if (r != Z_OK) return -1;                      /* corrupt data */
             if (zs.avail_in == 0 && zs.avail_out != 0) break;
         }
     }
+done:
     inflated_frames++;
     inflated_in_bytes += n;
     inflated_out_bytes += have;
