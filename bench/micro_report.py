@@ -12,7 +12,9 @@ def main(path: str) -> None:
         data = json.load(f)
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for b in data["benchmarks"]:
-        variant = b["param"] if b.get("param") else b["name"].split("[")[-1].rstrip("]")
+        # The fast path is one part of the test id (others, e.g. plain/deflate, name the group).
+        ids = (b.get("param") or b["name"].split("[")[-1].rstrip("]")).split("-")
+        variant = next((i for i in ids if i in ("compiled", "purepy")), ids[0])
         groups[b["group"]][variant] = b
     print("| hot-path piece | compiled (median) | pure-Python twin (median) | twin / compiled |")
     print("|---|---|---|---|")

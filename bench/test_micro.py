@@ -68,9 +68,12 @@ def test_encode_trade_frame(benchmark, impl, payload):
     assert frame.endswith(body) and len(frame) == len(body) + (2 if len(body) < 126 else 4)
 
 
-def test_dispatch_batch_100_messages_500_clients(benchmark, impl):
-    """One hiredis-parsed read of 100 pmessages fanned out to 500 clients."""
-    benchmark.group = "dispatch 100 pmessages -> 500 clients"
+@pytest.mark.parametrize("deflate", [False, True], ids=["plain", "deflate"])
+def test_dispatch_batch_100_messages_500_clients(benchmark, impl, deflate):
+    """One hiredis-parsed read of 100 pmessages fanned out to 500 clients
+    (with ``deflate``, every client negotiated permessage-deflate: each trade
+    is compressed once, then copied like a plain one)."""
+    benchmark.group = "dispatch 100 pmessages -> 500 clients" + (" (deflate)" if deflate else "")
     rng = random.Random(7)
     table = impl.SymbolTable(PREFIX)
     writes: list[int] = []
@@ -80,6 +83,7 @@ def test_dispatch_batch_100_messages_500_clients(benchmark, impl):
     for i in range(500):
         c = impl.ClientListener()
         c.sink = lambda data, record=record: record(len(data))  # recording transport stub
+        c.deflate = deflate
         for k in range(5):
             table.subscribe(c, symbols[(i + k * 3) % 20])
         clients.append(c)
@@ -100,4 +104,5 @@ def test_dispatch_batch_100_messages_500_clients(benchmark, impl):
     assert len(writes) == 500                    # one write per client
     assert fanout.dropped_payloads == 0
     assert fanout.frames_sent == expected * (fanout.batches)
+    assert fanout.compressed_messages == (100 * fanout.batches if deflate else 0)
     benchmark.extra_info["deliveries_per_round"] = expected
