@@ -1533,7 +1533,6 @@ def rate_table(rs: list[dict], table, out: list[str]) -> None:
 
     rows = []
     for r in sorted(cases, key=lambda r: (r["offered_label"], r["pipeline"], r["repeat"], r["variant"])):
-        la = r.get("loadavg_at_start")
         rows.append([f"{r['offered_label']:,}", r["pipeline"], r["repeat"], r["variant"],
                      fmt(r.get("deliveries_per_s"), ",.0f"), "no" if r.get("overloaded") else "yes",
                      fmt(r["latency_us"]["p50"] / 1000, ".3f"), fmt(r["latency_us"]["p99"] / 1000, ".3f"),
@@ -1542,11 +1541,10 @@ def rate_table(rs: list[dict], table, out: list[str]) -> None:
                      fmt(r.get("gateway_cpu_us_per_delivery_schedstat"), ".3f"), vs_floor(r),
                      fmt(r.get("gateway_sends_per_delivery"), ".3f"), fmt(r.get("gateway_us_per_send"), ".2f"),
                      fmt(r.get("trades_per_redis_read"), ".1f"),
-                     fmt(r.get("loadclient_cpu_us_per_delivery"), ".2f"),
-                     fmt(la[0] if la else None, ".2f"), r.get("missing"), r.get("ok")])
+                     fmt(r.get("loadclient_cpu_us_per_delivery"), ".2f"), r.get("missing"), r.get("ok")])
     table(["offered/s", "pipeline", "rep", "variant", "achieved/s", "sustained", "p50 ms", "p99 ms",
            "p99.9 ms", "gw CPU", "gw µs/deliv", "vs floor", "sends/deliv", "gw µs/send",
-           "trades/read", "lc µs/deliv", "load 1m", "missing", "ok"], rows)
+           "trades/read", "lc µs/deliv", "missing", "ok"], rows)
 
 
 def compare_revisions(results: list[dict], table, out: list[str]) -> None:
