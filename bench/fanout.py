@@ -1655,7 +1655,8 @@ def compare_modes(results: list[dict], table, out: list[str]) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Gateway fan-out benchmark")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS))
-    p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
+    p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
+                   help=f"default: all but {', '.join(EXTRA_SCENARIOS)}")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, whole run in seconds")
     p.add_argument("--repeat", type=int, default=1, help="runs per variant, order alternating")
     p.add_argument("--out", default=str(BENCH / "results.json"))

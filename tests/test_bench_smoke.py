@@ -127,7 +127,8 @@ def test_variant_names():
     assert fanout.parse_variant("compiled") == ("compiled", None)
     assert fanout.parse_variant("purepy@HEAD~1") == ("purepy", "HEAD~1")
     assert fanout.variant_kind("compiled@1c8e02a") == "compiled"
-    for bad in ("baseline@main", "compiled@", "nope", "compiled@-x"):
+    assert fanout.parse_variant("floor") == ("floor", None)
+    for bad in ("baseline@main", "floor@main", "compiled@", "nope", "compiled@-x"):
         with pytest.raises(ValueError):
             fanout.parse_variant(bad)
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
