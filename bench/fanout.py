@@ -104,7 +104,10 @@ ALL_VARIANTS = ["compiled", "purepy", "baseline"]
 WORKERS_VARIANT = "workers"
 # Not in the default run either: bench/floor_gateway.c, the same design in C.
 FLOOR_VARIANT = "floor"
-KNOWN_VARIANTS = [*ALL_VARIANTS, WORKERS_VARIANT, FLOOR_VARIANT]
+# Nor: the compiled gateway with write coalescing (WS_WRITE_DELAY_US, this many µs).
+COALESCED_VARIANT = "coalesced"
+COALESCED_DELAY_US = 1000
+KNOWN_VARIANTS = [*ALL_VARIANTS, WORKERS_VARIANT, FLOOR_VARIANT, COALESCED_VARIANT]
 # Kinds that serve no /metrics and /readyz: readiness is the port and the
 # Redis pattern, the gateway's own counters are not read.
 NO_METRICS_KINDS = ("baseline", FLOOR_VARIANT)
@@ -408,7 +411,8 @@ def variant_available(variant: str) -> tuple[bool, str]:
     kind = variant_kind(variant)
     if kind in NO_METRICS_KINDS:    # bench code: built or run as it is
         return True, ""
-    probe = ("import gateway._fastpath" if kind in ("compiled", WORKERS_VARIANT) else "import gateway")
+    probe = ("import gateway._fastpath" if kind in ("compiled", WORKERS_VARIANT, COALESCED_VARIANT)
+             else "import gateway")
     probe += "; import gateway as g; print(g.__file__)"
     cwd, extra = gateway_source(variant)
     env = dict(os.environ)
@@ -480,6 +484,8 @@ class Gateway:
             argv = [sys.executable, "-m", "gateway"]
             if kind == "purepy":
                 env["GATEWAY_NO_EXTENSIONS"] = "1"
+        if kind == COALESCED_VARIANT:
+            env["WS_WRITE_DELAY_US"] = str(COALESCED_DELAY_US)
         self.workers = 2 if kind == WORKERS_VARIANT else 1
         if self.workers > 1:
             env["WS_WORKERS"] = str(self.workers)

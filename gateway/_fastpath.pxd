@@ -42,6 +42,7 @@ cdef class ClientListener(WSListener):
     cdef int flush(self, Py_ssize_t max_buffered) except -1
     cpdef send_text(self, bytes data)
     cpdef send_frame(self, bytes frame)
+    cpdef flush_pending(self)
 
 
 cdef class SymbolTable:
@@ -91,6 +92,8 @@ cdef class FanOut:
         dict holds
         public object gap_callback
         public Py_ssize_t compression_min_size  # shorter messages go plain to deflate clients too
+        public double write_delay        # s a client's frames may wait to share a write (0: none)
+        object flush_handle              # the pending timer of a coalesced write, or None
         uint64_t latency_counts[14]      # N_BUCKETS + 1 (+Inf)
         int64_t latency_sum_ns
 
@@ -99,6 +102,7 @@ cdef class FanOut:
     cdef int _deliver(self, object channel, list subs, Py_ssize_t size, const char* epoch,
                       Py_ssize_t elen, int64_t seq, int64_t conflate_seq) except -1
     cdef int flush(self) except -1
+    cdef int end_of_read(self) except -1
     cdef void observe(self, int64_t elapsed_ns) noexcept
     cdef bytes _deflate_frame(self, Py_ssize_t size)
     cdef int _grow_scratch(self, Py_ssize_t size) except -1

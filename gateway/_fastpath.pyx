@@ -17,6 +17,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStri
 from cpython.dict cimport PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.math cimport isinf
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdio cimport snprintf
@@ -28,6 +29,7 @@ from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
 from gateway._picows_adapter cimport fast_write, release_handshake_state
 
+import asyncio
 import logging
 
 import hiredis
@@ -684,13 +686,22 @@ cdef class ClientListener(WSListener):
         self.send_frame(encode_text_frame(data))
 
     cpdef send_frame(self, bytes frame):
-        """Send one complete, already framed message now."""
+        """Send one complete, already framed message now (after any trades
+        still waiting in this client's batch: order is kept)."""
         cdef WSTransport t = self.transport
+        if self.out_len:
+            self.flush(PY_SSIZE_T_MAX)
         if t is not None:
             if not (t.is_disconnected or t.is_close_frame_sent):
                 fast_write(t, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
         elif self._sink is not None:
             self._sink(frame)
+
+    cpdef flush_pending(self):
+        """Write the frames waiting in this client's batch now (before the
+        gateway closes the connection, with write coalescing on)."""
+        if self.out_len:
+            self.flush(PY_SSIZE_T_MAX)
 
     @property
     def pending(self):
@@ -873,6 +884,8 @@ cdef class FanOut:
         self.holds = {}
         self.gap_callback = None
         self.compression_min_size = 0
+        self.write_delay = 0.0
+        self.flush_handle = None
 
     def __dealloc__(self):
         free(self.scratch)
@@ -1093,6 +1106,21 @@ cdef class FanOut:
         self.scratch_cap = size
         return 0
 
+    cdef int end_of_read(self) except -1:
+        # After a Redis read: every client's batch goes now, or with
+        # write_delay set, at most that much later (one timer for all), so
+        # frames of several reads share a write.
+        if self.write_delay <= 0.0 or PyList_GET_SIZE(self.touched) == 0:
+            return self.flush()
+        if self.flush_handle is None:
+            self.flush_handle = asyncio.get_running_loop().call_later(self.write_delay,
+                                                                      self._timer_flush)
+        return 0
+
+    def _timer_flush(self):
+        self.flush_handle = None
+        self.flush()
+
     cdef int flush(self) except -1:
         cdef list touched = self.touched
         cdef Py_ssize_t j, n = PyList_GET_SIZE(touched)
@@ -1157,7 +1185,7 @@ cdef class SubscriptionReader:
                         break
                     self._handle(reply, ts, tslen)
         finally:
-            fanout.flush()
+            fanout.end_of_read()
             fanout.observe(now_ns() - t0)
 
     cdef int _handle(self, object reply, const char* ts, Py_ssize_t tslen) except -1:

@@ -206,7 +206,10 @@ class ClientListener(WSListener):
         self.send_frame(encode_text_frame(data))
 
     def send_frame(self, frame: bytes) -> None:
-        """Send one complete, already framed message now."""
+        """Send one complete, already framed message now (after any trades
+        still waiting in this client's batch: order is kept)."""
+        if self._out:
+            self._flush(1 << 62)
         t = self._transport
         if t is not None:
             if not (t.is_disconnected or t.is_close_frame_sent):
@@ -224,6 +227,12 @@ class ClientListener(WSListener):
         if self._transport is None:
             return 0
         return self._transport.underlying_transport.get_write_buffer_size()
+
+    def flush_pending(self) -> None:
+        """Write the frames waiting in this client's batch now (before the
+        gateway closes the connection, with write coalescing on)."""
+        if self._out:
+            self._flush(1 << 62)
 
     def _flush(self, max_buffered: int) -> bool:
         # Write the batch in one go; True if now over ``max_buffered``.
@@ -342,7 +351,7 @@ class FanOut:
                  "_bytes_sent", "_writes", "_dropped_payloads", "_unrouted_messages", "_batches",
                  "_dispatch_errors", "_conflated_messages", "_compressed_messages",
                  "_sequenced_messages", "_duplicate_messages", "_candle_messages", "_holds",
-                 "gap_callback", "compression_min_size")
+                 "gap_callback", "compression_min_size", "write_delay", "_flush_handle")
 
     # Read-only from outside, as in the compiled module.
     table = property(attrgetter("_table"))
@@ -375,6 +384,8 @@ class FanOut:
         self._holds: dict[bytes, list[bytes]] = {}
         self.gap_callback: Callable[[bytes, str, int, int], Any] | None = None
         self.compression_min_size = 0
+        self.write_delay = 0.0          # s a client's frames may wait to share a write (0: none)
+        self._flush_handle: Any = None
 
     def dispatch(self, replies: list) -> None:
         """Route already-parsed Redis replies (pmessages; others are ignored)
@@ -515,6 +526,20 @@ class FanOut:
         # compression.deflate_payload inside: what the compiled module calls.
         return compress_message(body)
 
+    def _end_of_read(self) -> None:
+        """After a Redis read: write every client's batch now, or with
+        ``write_delay`` set, at most that much later (one timer for all)."""
+        if self.write_delay <= 0 or not self._touched:
+            self._flush()
+        elif self._flush_handle is None:
+            import asyncio
+            self._flush_handle = asyncio.get_running_loop().call_later(self.write_delay,
+                                                                       self._timer_flush)
+
+    def _timer_flush(self) -> None:
+        self._flush_handle = None
+        self._flush()
+
     def _flush(self) -> None:
         touched, self._touched = self._touched, []
         if not touched:
@@ -554,7 +579,7 @@ class SubscriptionReader:
                 while (reply := reader.gets()) is not False:
                     self._handle(reply, ts)
         finally:
-            self._fanout._flush()
+            self._fanout._end_of_read()
             self._fanout._observe(time.monotonic_ns() - t0)
 
     def _handle(self, reply, ts: bytes) -> None:

@@ -413,6 +413,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Redis channel prefix of candle streams (PREFIX<interval>:<SYMBOL>)"),
     Setting("compression", "WS_COMPRESSION", "--compression", "on", _on_off,
             "permessage-deflate for clients that offer it: on or off"),
+    Setting("write_delay_us", "WS_WRITE_DELAY_US", "--write-delay-us", "0", _int(0, 100_000),
+            "microseconds a client's trades may wait to share one write with later ones (0: each "
+            "Redis read is written at once); fewer sends for up to this much added latency"),
     Setting("compression_min_size", "WS_COMPRESSION_MIN_SIZE", "--compression-min-size", "128", _int(0),
             "messages shorter than this many bytes go uncompressed to permessage-deflate clients too "
             "(deflate saves too little on them to pay for itself); 0: compress every message"),
@@ -477,6 +480,7 @@ class Config:
     candle_backfill: int = 100
     candle_channel_prefix: str = "channel:candle:"
     compression: bool = True
+    write_delay_us: int = 0
     compression_min_size: int = 128
     web_ui: bool = False
     log_level: str = "INFO"

@@ -59,6 +59,7 @@ class Gateway:
         self.fanout = self.impl.FanOut(self.table, max_buffered=config.max_buffered_bytes,
                                        slow_consumer_callback=on_slow_consumer)
         self.fanout.compression_min_size = config.compression_min_size
+        self.fanout.write_delay = config.write_delay_us / 1e6
         self.access = AccessPolicy(config)
         self.sessions: set[Session] = set()
         self.counters = Counters(self.fanout, self.table, self.sessions, self.access.refusals)
@@ -221,6 +222,8 @@ class Gateway:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        for s in list(self.sessions):
+            s.listener.flush_pending()       # coalesced trades go before the 1001
         transports = [s.listener.transport for s in list(self.sessions)]
         for t in transports:
             t.send_close(WSCloseCode(protocol.SHUTTING_DOWN.code), protocol.SHUTTING_DOWN.reason)

@@ -260,6 +260,9 @@ class Session:
         """Stop feeding this client at once and send it a close frame; the
         caller decides how long the connection may take to go."""
         self.hub.table.remove_connection(self.listener)
+        if close is not protocol.SLOW_CONSUMER:
+            # Trades waiting for a coalesced write go before the close frame.
+            self.listener.flush_pending()
         self.listener.transport.send_close(WSCloseCode(close.code), close.reason)
 
     def peer(self):

@@ -66,6 +66,7 @@ INT_BOUNDS = {
     "compression_min_size": (0, None),
     "backlog": (0, 1 << 20),
     "workers": (1, 1024),
+    "write_delay_us": (0, 100_000),
 }
 
 

@@ -205,3 +205,26 @@ def test_two_instances_each_serve_their_own_clients(redis_server, gateway_proces
     asyncio.run(main())
     for gw in procs:
         assert gw.stop() == 0
+
+
+def test_write_delay_shares_writes_and_delivers_everything(redis_server, gateway_process):
+    """WS_WRITE_DELAY_US: trades of separate Redis reads share writes; every
+    one arrives, in order."""
+    import redis as redis_py
+    from websockets.sync.client import connect as sync_connect
+
+    from gateway._testbase.net import scrape_metrics
+    gw = gateway_process(WS_WRITE_DELAY_US=20000)
+    gw.wait_ready()
+    r = redis_py.Redis(port=redis_server.port)
+    with sync_connect(gw.url) as ws:
+        ws.recv()
+        ws.send(orjson.dumps({"action": "subscribe", "symbols": ["WDLY"]}).decode())
+        ws.recv()
+        for n in range(200):
+            r.publish("channel:trade:WDLY", orjson.dumps({"symbol": "WDLY", "n": n}))
+        got = [orjson.loads(ws.recv(timeout=5))["data"]["n"] for _ in range(200)]
+    assert got == list(range(200))
+    m = scrape_metrics(gw.port)
+    assert m is not None and m["gateway_frames_sent_total"] == 200
+    assert m["gateway_writes_total"] < 100, m["gateway_writes_total"]

@@ -8,6 +8,7 @@ the code under test.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import re
@@ -946,3 +947,43 @@ def test_dispatch_deflate_clients_same_bytes_in_both_implementations():
         assert raw[0] == 0xC1
         outputs.append(re.sub(rb'"timestamp":\d+', b"", b"".join(bodies)))
     assert outputs[0] == outputs[1]
+
+
+# ---------------------------------------------------------------------------
+# Write coalescing (WS_WRITE_DELAY_US)
+# ---------------------------------------------------------------------------
+
+def test_write_delay_coalesces_reads_and_keeps_order(impl):
+    """With write_delay set, the frames of several Redis reads leave in one
+    write once the delay has passed; a control reply or a close first
+    flushes what waits, so nothing overtakes a trade."""
+    async def main():
+        table = impl.SymbolTable()
+        fanout = impl.FanOut(table)
+        fanout.write_delay = 0.02
+        conn = impl.ClientListener()
+        writes: list[bytes] = []
+        conn.sink = writes.append
+        table.subscribe(conn, "AAPL")
+        reader = impl.SubscriptionReader(fanout)
+        reader.feed(pmessage(b"channel:trade:AAPL", b'{"n":1}'))
+        reader.feed(pmessage(b"channel:trade:AAPL", b'{"n":2}'))
+        assert writes == [] and conn.pending > 0
+        await asyncio.sleep(0.05)
+        assert len(writes) == 1 and len(parse_frames(writes[0])) == 2
+        assert writes[0].index(b'"n":1') < writes[0].index(b'"n":2') and fanout.writes == 1
+        # A reply sent while a trade waits goes after it, in order.
+        reader.feed(pmessage(b"channel:trade:AAPL", b'{"n":3}'))
+        conn.send_text(b'{"type":"pong"}')
+        assert len(writes) == 3 and b'"n":3' in writes[1] and writes[2].endswith(b'{"type":"pong"}')
+        # Before a close: flush_pending writes what waits.
+        reader.feed(pmessage(b"channel:trade:AAPL", b'{"n":4}'))
+        conn.flush_pending()
+        assert len(writes) == 4 and b'"n":4' in writes[3] and conn.pending == 0
+        await asyncio.sleep(0.05)                 # the timer finds nothing left to write
+        assert len(writes) == 4
+        # Off (0): every read is written at once.
+        fanout.write_delay = 0.0
+        reader.feed(pmessage(b"channel:trade:AAPL", b'{"n":5}'))
+        assert len(writes) == 5
+    asyncio.run(main())
