@@ -74,7 +74,7 @@ def test_fanout_smoke(variant, tmp_path):
 
 @pytest.mark.parametrize("variants", [
     pytest.param("floor", id="floor"),
-    pytest.param("compiled,floor", id="compiled,floor",
+    pytest.param("compiled,coalesced,floor", id="compiled,coalesced,floor",
                  marks=pytest.mark.skipif(importlib.util.find_spec("gateway") is None,
                                           reason="gateway package not importable")),
 ])
