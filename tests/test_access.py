@@ -111,6 +111,7 @@ def test_jwt_public_key(aio, impl, redis_server, tmp_path, alg):
     aio(main())
 
 
+@pytest.mark.slow
 @pytest.mark.heavy
 def test_token_expiring_mid_connection_closes_1008(aio, impl, redis_server):
     async def main():

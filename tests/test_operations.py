@@ -168,6 +168,7 @@ def test_redis_acl_without_pubsub_rights(aio, impl, own_redis, caplog):
 
 # -- slow consumers ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.heavy
 def test_slow_consumer_conflation_reports_exact_gaps(aio, impl, redis_server):
     async def main():

@@ -458,6 +458,7 @@ def test_a_channel_nobody_follows_forgets_its_position(impl):
     assert gaps == [] and fanout.position(ch) == ("ep", 5) and len(frames) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.heavy
 def test_slow_consumer_gap_names_sequenced_seqs(aio, impl, redis_server):
     """Conflation over a real socket with sequenced trades: each gap notice
