@@ -689,8 +689,7 @@ cdef class ClientListener(WSListener):
         """Send one complete, already framed message now (after any trades
         still waiting in this client's batch: order is kept)."""
         cdef WSTransport t = self.transport
-        if self.out_len:
-            self.flush(PY_SSIZE_T_MAX)
+        self.flush_pending()
         if t is not None:
             if not (t.is_disconnected or t.is_close_frame_sent):
                 fast_write(t, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
@@ -700,8 +699,12 @@ cdef class ClientListener(WSListener):
     cpdef flush_pending(self):
         """Write the frames waiting in this client's batch now (before the
         gateway closes the connection, with write coalescing on)."""
+        cdef bint listed = self.in_batch
         if self.out_len:
             self.flush(PY_SSIZE_T_MAX)
+            # Still in the fan-out's list for its coalesced write: frames
+            # that come before it go with it, not on a second entry.
+            self.in_batch = listed
 
     @property
     def pending(self):

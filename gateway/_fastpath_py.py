@@ -22,7 +22,7 @@ from picows import WSListener, WSMsgType
 
 from . import frames as _frames
 from . import protocol as _protocol
-from .compression import compress_message
+from .compression import compress_message, frame_header
 from .protocol import TRADE_HEAD, TRADE_MID, TRADE_TAIL
 
 IS_COMPILED = False
@@ -54,17 +54,9 @@ def parse_symbol(channel: bytes, prefix: bytes) -> str | None:
     return channel[len(prefix):].decode("utf-8", "replace")
 
 
-def _header(n: int) -> bytes:
-    if n < 126:
-        return bytes((0x81, n))
-    if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big")
-    return bytes((0x81, 127)) + n.to_bytes(8, "big")
-
-
 def encode_text_frame(body: bytes) -> bytes:
     """A server-to-client text frame around ``body``."""
-    return _header(len(body)) + body
+    return frame_header(0x81, len(body)) + body
 
 
 def _trade_body(payload: bytes, ts: bytes) -> bytes:
@@ -208,8 +200,7 @@ class ClientListener(WSListener):
     def send_frame(self, frame: bytes) -> None:
         """Send one complete, already framed message now (after any trades
         still waiting in this client's batch: order is kept)."""
-        if self._out:
-            self._flush(1 << 62)
+        self.flush_pending()
         t = self._transport
         if t is not None:
             if not (t.is_disconnected or t.is_close_frame_sent):
@@ -232,7 +223,10 @@ class ClientListener(WSListener):
         """Write the frames waiting in this client's batch now (before the
         gateway closes the connection, with write coalescing on)."""
         if self._out:
+            listed = self._in_batch
             self._flush(1 << 62)
+            # Still in the fan-out's list for its coalesced write (see the compiled module).
+            self._in_batch = listed
 
     def _flush(self, max_buffered: int) -> bool:
         # Write the batch in one go; True if now over ``max_buffered``.

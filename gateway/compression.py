@@ -93,12 +93,14 @@ def compress_message(body: bytes, min_size: int = 0) -> bytes:
     ``min_size`` (WS_COMPRESSION_MIN_SIZE; a plain frame is valid on a
     deflate connection)."""
     if len(body) < min_size:
-        return _header(0x81, len(body)) + body
+        return frame_header(0x81, len(body)) + body
     z = deflate_payload(body)
-    return _header(0xC1, len(z)) + z  # FIN + RSV1 (compressed) + text
+    return frame_header(0xC1, len(z)) + z  # FIN + RSV1 (compressed) + text
 
 
-def _header(b0: int, size: int) -> bytes:
+def frame_header(b0: int, size: int) -> bytes:
+    """A server frame's header (unmasked): first byte ``b0`` (0x81 text,
+    0xC1 compressed text), then the payload length as RFC 6455 5.2 spells it."""
     if size < 126:
         return bytes((b0, size))
     if size < 65536:

@@ -982,6 +982,8 @@ def test_write_delay_coalesces_reads_and_keeps_order(impl):
         assert len(writes) == 4 and b'"n":4' in writes[3] and conn.pending == 0
         await asyncio.sleep(0.05)                 # the timer finds nothing left to write
         assert len(writes) == 4
+        # The client stayed listed once for the timer's write: two timed writes, not three.
+        assert fanout.writes == 2
         # Off (0): every read is written at once.
         fanout.write_delay = 0.0
         reader.feed(pmessage(b"channel:trade:AAPL", b'{"n":5}'))
