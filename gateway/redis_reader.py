@@ -42,6 +42,27 @@ def encode_command(*args: str | bytes) -> bytes:
 REPEAT_LOG_INTERVAL = 30.0     # seconds between warnings while Redis stays unreachable
 
 
+class Failures:
+    """A run of failed attempts, for logging it as a person can read it: the
+    first failure, then one line per REPEAT_LOG_INTERVAL, not one per attempt."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._warned_at = 0.0
+
+    def failed(self) -> bool:
+        """Count one failure; True when this one should be logged."""
+        self.count += 1
+        now = time.monotonic()
+        if self.count == 1 or now - self._warned_at >= REPEAT_LOG_INTERVAL:
+            self._warned_at = now
+            return True
+        return False
+
+    def reset(self) -> None:
+        self.count = 0
+
+
 class Backoff:
     """Capped exponential backoff with jitter: 0.1 s, 0.2 s, ... up to ``cap``."""
 
@@ -156,8 +177,7 @@ class RedisSubscriber:
         self._stopping = False
         self._last_reply = 0.0
         self._refused = False
-        self._failures = 0          # connection attempts failed in a row
-        self._warned_at = 0.0
+        self._failures = Failures()  # connection attempts failed in a row
 
     # lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -192,13 +212,9 @@ class RedisSubscriber:
                     self._set_state(False, f"cannot connect to the master {_where(self.address)} "
                                            f"of {self.target.master_name}: {why}")
                     self.sentinel.stale(self.address)
-                self._failures += 1
-                now = time.monotonic()
-                # The first failure and then one line per REPEAT_LOG_INTERVAL,
-                # not two lines per attempt for as long as Redis is away.
-                if self._failures == 1 or now - self._warned_at >= REPEAT_LOG_INTERVAL:
-                    self._warned_at = now
-                    more = f"; {self._failures} attempts so far" if self._failures > 1 else ""
+                if self._failures.failed():
+                    n = self._failures.count
+                    more = f"; {n} attempts so far" if n > 1 else ""
                     log.warning("Redis %s unreachable (%s)%s; retrying with backoff up to %g s",
                                 self.target.describe(), why, more, self.backoff.cap)
             else:
@@ -277,10 +293,10 @@ class RedisSubscriber:
         # protocol is recorded here, not there.
         self._proto = proto
         self._refused = False
-        if self._failures > 1:
+        if self._failures.count > 1:
             log.info("Redis %s reachable again after %d failed attempts", self.target.describe(),
-                     self._failures)
-        self._failures = 0
+                     self._failures.count)
+        self._failures.reset()
         self.connects += 1
         self._last_reply = time.monotonic()
         cmds = []

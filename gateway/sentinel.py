@@ -41,14 +41,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
 import hiredis
 
 from .config import RedisTarget, parse_redis_url
-from .redis_reader import encode_command
+from .redis_reader import Backoff, Failures, encode_command
 
 log = logging.getLogger("gateway.sentinel")
 
@@ -56,7 +55,6 @@ Address = tuple[str, int]
 
 QUERY_TIMEOUT = 1.0           # seconds per sentinel asked
 WATCH_PING = 5.0              # seconds between PINGs on the watch connection
-REPEAT_LOG_INTERVAL = 30.0
 
 
 class MasterUnknown(OSError):
@@ -268,8 +266,8 @@ class SentinelMaster:
 
     async def watch(self) -> None:
         """Forever: SUBSCRIBE to one sentinel's events; on failure the next one."""
-        failures = 0
-        warned_at = 0.0
+        failures = Failures()
+        backoff = Backoff(0.1, 5.0)
         i = self._first
         while True:
             sentinel = self.sentinels[i % len(self.sentinels)]
@@ -279,17 +277,15 @@ class SentinelMaster:
                 raise
             except Exception as exc:
                 self.watching = None
-                failures += 1
-                now = time.monotonic()
-                if failures == 1 or now - warned_at >= REPEAT_LOG_INTERVAL:
-                    warned_at = now
+                if failures.failed():
                     log.warning("sentinel %s: cannot watch for failovers (%s); trying the next "
                                 "sentinel", describe(sentinel), exc or type(exc).__name__)
             else:
-                failures = 0
+                failures.reset()
+                backoff.reset()
             i += 1
-            delay = min(5.0, 0.1 * 2 ** min(failures, 10)) if failures else 0.1
-            await asyncio.sleep(delay * random.uniform(0.8, 1.0))
+            # A watch that ended cleanly is resumed soon; failures back off to 5 s.
+            await asyncio.sleep(backoff.next_delay() if failures.count else 0.1 * random.uniform(0.8, 1.0))
 
     async def _watch_one(self, sentinel: Address) -> None:
         conn = await _Conn.open(sentinel, self.query_timeout)

@@ -205,7 +205,7 @@ def test_an_unreachable_redis_is_one_warning_not_two_lines_per_attempt(caplog):
                               lambda on_reply: None, backoff=Backoff(base=0.001, cap=0.005))
         sub.start()
         await asyncio.sleep(0.5)
-        attempts = sub._failures
+        attempts = sub._failures.count
         await sub.stop()
         return attempts
 
