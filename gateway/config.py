@@ -63,7 +63,7 @@ def parse_sentinel_url(url: str) -> RedisTarget:
     rest = url[len(SENTINEL_SCHEME) + 3:]
     rest, _, query_text = rest.partition("?")
     if "#" in rest or "#" in query_text:
-        raise ConfigError(f"REDIS_URL must not have a fragment: {_redact(url)!r}")
+        raise ConfigError(f"REDIS_URL must not have a fragment: {redact_url(url)!r}")
     netloc, _, path = rest.partition("/")
     userinfo, at, hosts = netloc.rpartition("@")
     username = password = None
@@ -77,7 +77,7 @@ def parse_sentinel_url(url: str) -> RedisTarget:
     for item in hosts.split(","):
         item = item.strip()
         if not item:
-            raise ConfigError(f"REDIS_URL lists an empty sentinel address: {_redact(url)!r}")
+            raise ConfigError(f"REDIS_URL lists an empty sentinel address: {redact_url(url)!r}")
         try:
             parts = urllib.parse.urlsplit("//" + item)
             port = parts.port
@@ -96,7 +96,7 @@ def parse_sentinel_url(url: str) -> RedisTarget:
     if not _MASTER_NAME_RE.fullmatch(name):
         raise ConfigError(f"REDIS_URL master name must be 1-128 of A-Z a-z 0-9 . _ -, got {name!r}")
     if len(segments) > 2:
-        raise ConfigError(f"REDIS_URL has more after the db than it should: {_redact(url)!r}")
+        raise ConfigError(f"REDIS_URL has more after the db than it should: {redact_url(url)!r}")
     db_text = segments[1] if len(segments) == 2 else ""
     query = urllib.parse.parse_qs(query_text, keep_blank_values=True)
     unknown = sorted(set(query) - {"sentinel_username", "sentinel_password", "db"})
@@ -135,19 +135,19 @@ def parse_redis_url(url: str) -> RedisTarget:
     password = urllib.parse.unquote(parts.password) if parts.password is not None else None
     if parts.scheme in ("redis", "rediss"):
         if not parts.hostname:
-            raise ConfigError(f"REDIS_URL has no host: {_redact(url)!r}")
+            raise ConfigError(f"REDIS_URL has no host: {redact_url(url)!r}")
         path = parts.path.lstrip("/")
         db_text = path or db_text
         target: dict[str, Any] = dict(host=parts.hostname, port=port or 6379,
                                       tls=parts.scheme == "rediss")
     elif parts.scheme == "unix":
         if not parts.path:
-            raise ConfigError(f"REDIS_URL has no socket path: {_redact(url)!r}")
+            raise ConfigError(f"REDIS_URL has no socket path: {redact_url(url)!r}")
         target = dict(unix_path=parts.path)
     else:
         raise ConfigError(
             "REDIS_URL must start with redis://, rediss:// or unix:// (or redis+sentinel://), "
-            f"got {_redact(url)!r}")
+            f"got {redact_url(url)!r}")
     db = 0
     if db_text:
         if not (db_text.isascii() and db_text.isdigit()):
@@ -160,7 +160,8 @@ def parse_redis_url(url: str) -> RedisTarget:
     return RedisTarget(username=username or None, password=password, db=db, **target)
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """``url`` for messages and logs: its password and sentinel_password as ***."""
     url = re.sub(r"(sentinel_password=)[^&#]*", r"\1***", url)
     try:
         parts = urllib.parse.urlsplit(url)

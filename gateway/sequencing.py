@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis
@@ -201,18 +200,6 @@ async def read_all_history(read: Callable[[str, int, int], Awaitable[HistoryRead
 
 # ---------------------------------------------------------------- command line
 
-def _redact(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-    except ValueError:
-        return "<unparsable URL>"
-
-
 def env_history_size() -> int:
     """WS_HISTORY_SIZE from the environment (default 10000); ValueError when malformed."""
     text = os.environ.get("WS_HISTORY_SIZE", "").strip()
@@ -273,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from .config import ConfigError
+    from .config import ConfigError, redact_url
     from .sentinel import redis_client
     try:
         client = redis_client(url, socket_connect_timeout=5, socket_timeout=10,
@@ -287,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (redis.RedisError, ValueError, OSError) as exc:
         text = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{prog}: error: {_redact(url)}: {text}", file=sys.stderr)
+        print(f"{prog}: error: {redact_url(url)}: {text}", file=sys.stderr)
         return 1
-    print(f"loaded {LIBRARY_NAME} into {_redact(url)} (channel prefix {prefix!r}, history size {size})")
+    print(f"loaded {LIBRARY_NAME} into {redact_url(url)} (channel prefix {prefix!r}, history size {size})")
     return 0
 
 

@@ -538,6 +538,14 @@ def test_cli_load_failure_is_one_line_and_exit_1(url):
     assert out.stderr.startswith("ws-gateway-functions: error: ")
 
 
+def test_cli_failure_never_shows_a_password():
+    """The master's password and a sentinel's stay out of the error line."""
+    for url in ("redis://:hunter2@127.0.0.1:1",
+                "redis+sentinel://:hunter2@127.0.0.1:1/m?sentinel_password=hunter2"):
+        out = run_cli(["load", "--redis-url", url])
+        assert out.returncode == 1 and "hunter2" not in out.stderr and "***" in out.stderr, out.stderr
+
+
 @pytest.mark.slow
 def test_cli_bad_arguments_exit_2():
     assert run_cli(["load", "--history-size", "0"]).returncode == 2
