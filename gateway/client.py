@@ -50,6 +50,8 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 
+from . import config
+
 log = logging.getLogger("gateway.client")
 
 __all__ = [
@@ -242,14 +244,12 @@ def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) 
     return rng.uniform(0.0, min(cap, initial * (2 ** min(attempt, 40))))
 
 
-_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
 def interval_ms(interval: str) -> int | None:
-    """"1m" -> 60000; None when it does not read as one."""
-    if len(interval) < 2 or interval[-1] not in _UNIT_MS or not interval[:-1].isdigit():
+    """"1m" -> 60000 (gateway.config's reading); None when it does not read as one."""
+    try:
+        return config.interval_ms(interval)
+    except ValueError:
         return None
-    return int(interval[:-1]) * _UNIT_MS[interval[-1]]
 
 
 def normalise(stream: str) -> str:

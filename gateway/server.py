@@ -169,12 +169,13 @@ class Gateway:
     # lifecycle --------------------------------------------------------------
     async def start(self) -> None:
         c = self.config
+        backlog = listen_backlog(c.backlog)
         self.server = await picows_adapter.create_server(
             self._listener_factory, c.host, c.port,
             ssl=c.ssl_context(),
             max_frame_size=c.max_message_size,
             read_buffer_init_size=READ_BUFFER_INIT_SIZE,
-            backlog=listen_backlog(c.backlog),
+            backlog=backlog,
             reuse_port=self.worker is not None,
         )
         self.port = self.server.sockets[0].getsockname()[1]
@@ -188,8 +189,7 @@ class Gateway:
         if self.worker_metrics is not None:
             self._tasks.append(loop.create_task(self._write_worker_metrics(), name="worker-metrics"))
         log.info("%s listening on %s://%s:%d (backlog %d, fast path: %s), Redis %s, patterns %s%s",
-                 self.server_id, "wss" if c.tls_cert else "ws", c.host, self.port,
-                 listen_backlog(c.backlog),
+                 self.server_id, "wss" if c.tls_cert else "ws", c.host, self.port, backlog,
                  "compiled" if self.impl.IS_COMPILED else "pure Python",
                  c.redis.describe(), " ".join(self.redis.patterns),
                  f" (candles: {', '.join(c.candle_intervals)})" if c.candle_intervals else "")
@@ -222,9 +222,10 @@ class Gateway:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        transports = []
         for s in list(self.sessions):
             s.listener.flush_pending()       # coalesced trades go before the 1001
-        transports = [s.listener.transport for s in list(self.sessions)]
+            transports.append(s.listener.transport)
         for t in transports:
             t.send_close(WSCloseCode(protocol.SHUTTING_DOWN.code), protocol.SHUTTING_DOWN.reason)
         deadline = time.monotonic() + SHUTDOWN_GRACE
