@@ -15,7 +15,9 @@ from .config import SETTINGS, Config, ConfigError, Setting
 EXIT_CONFIG = 2
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit code 2 (the project's commands all do this)."""
+
     def error(self, message: str) -> NoReturn:  # argparse would print usage too
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
@@ -24,7 +26,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser(settings: tuple[Setting, ...] = SETTINGS, prog: str = "ws-gateway",
                  description: str = "Stream trades from Redis pub/sub (PSUBSCRIBE <prefix>*) "
                                     "to WebSocket clients.") -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog=prog, description=description,
         epilog="Each flag overrides its environment variable; both override the default.",
     )

@@ -16,10 +16,11 @@ import os
 import signal
 import sys
 import time
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 import uvloop
 
+from .cli import OneLineParser
 from .client import (
     Candle,
     Connected,
@@ -37,14 +38,8 @@ from .client import (
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ws-gateway-tail", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="ws-gateway-tail", description=__doc__.split("\n\n")[0],
                 epilog="Streams are SYMBOL or SYMBOL@interval (a candle stream, e.g. AAPL@1m).")
     p.add_argument("url", help="gateway URL, ws://host:port (several: comma-separated, tried in turn)")
     p.add_argument("streams", nargs="+", metavar="STREAM", help="symbols and candle streams")
