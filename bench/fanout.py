@@ -828,6 +828,31 @@ class Ctx:
     results: list = field(default_factory=list)
 
 
+# BENCH_PERF_DIR=<dir>: record each case's gateway with `perf record -g`
+# over the delivery window into <dir>/<tag>.data (read it with `perf report
+# -i`). Profiling costs the gateway CPU: figures of such a run are not results.
+PERF_DIR = os.environ.get("BENCH_PERF_DIR")
+
+
+def start_perf(gw: Gateway, tag: str) -> subprocess.Popen | None:
+    if not PERF_DIR or not gw.pids():
+        return None
+    Path(PERF_DIR).mkdir(parents=True, exist_ok=True)
+    pids = ",".join(map(str, gw.pids()))
+    p = PROCS.start(["perf", "record", "-q", "-g", "-e", "cpu-clock", "-F", "2999", "-p", pids,
+                     "-o", str(Path(PERF_DIR) / f"{tag}.data")],
+                    cpu=AUX_CPU, log=Path(PERF_DIR) / f"{tag}.log")
+    time.sleep(0.3)     # perf attached before the first trade
+    return p
+
+
+def stop_perf(p: subprocess.Popen | None) -> None:
+    if p is not None:
+        p.send_signal(signal.SIGINT)     # perf writes its file on SIGINT
+        p.wait(timeout=30)
+        PROCS.stop(p)
+
+
 def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msgs: int | None = None,
                   rate: int | None = None, duration_s: float | None = None, sample: int,
                   skip_ms: int = 0, allow_overload: bool = False, inflight: int = 64,
@@ -900,11 +925,13 @@ def delivery_case(ctx: Ctx, variant: str, tag: str, topo: Topology, *, total_msg
         cores0 = procfs.core_times()
         ksoft_pid = procfs.kernel_thread_pid(f"ksoftirqd/{GATEWAY_CPU}")
         ksoft0 = proc_cpu_or_zero(ksoft_pid)
+        perf = start_perf(gw, tag)
         pub = run_publisher(ctx.tools["publisher"], ctx.redis, symfile, ctx.workdir,
                             total=None if rate else total_msgs, rate=rate, duration_s=duration_s,
                             timeout=(duration_s + 15) if rate else sz.sat_timeout_s, seq=seq,
                             pipeline=pipeline)
         rep = lc.finish(timeout=run_budget + 30)
+        stop_perf(perf)
         cpu1, rcpu1 = gw.cpu_s(), ctx.redis.cpu_s()
         sched1 = gw.schedstat()
         cores1 = procfs.core_times()

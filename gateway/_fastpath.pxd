@@ -29,6 +29,13 @@ cdef class ClientListener(WSListener):
         Py_ssize_t out_len
         Py_ssize_t out_cap
         bint in_batch
+        # The socket, written directly while the transport holds nothing
+        # (see write_out); -1 means always through the transport (TLS).
+        int fd
+        # Set after a write the kernel took whole: the transport's buffer is
+        # known to be empty without asking it. Every write to this client
+        # goes through write_out, so nothing else can queue behind our back.
+        bint wclean
         # A fragmented client message being reassembled (gateway.frames).
         public object frag
         # permessage-deflate was negotiated: trades go out compressed
@@ -40,6 +47,7 @@ cdef class ClientListener(WSListener):
     cdef bint below_floor(self, object channel, const char* epoch, Py_ssize_t elen, int64_t seq) except -1
     cdef int append_frame(self, const char* frame, Py_ssize_t size) except -1
     cdef int flush(self, Py_ssize_t max_buffered) except -1
+    cdef int write_out(self, WSTransport t, const char* data, Py_ssize_t size) except -1
     cpdef send_text(self, bytes data)
     cpdef send_frame(self, bytes frame)
     cpdef flush_pending(self)

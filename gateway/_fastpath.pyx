@@ -27,7 +27,7 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
-from gateway._picows_adapter cimport fast_write, release_handshake_state
+from gateway._picows_adapter cimport release_handshake_state, socket_fd
 
 import asyncio
 import logging
@@ -53,6 +53,11 @@ cdef extern from *:
     #pragma GCC optimize ("align-loops=32")
     #endif
     """
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_NOSIGNAL
 
 
 cdef extern from "Python.h":
@@ -578,6 +583,8 @@ cdef class ClientListener(WSListener):
 
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
+        self.fd = socket_fd(transport)
+        self.wclean = False          # the 101 response went through the transport
         if self.session is not None:
             self.session.on_connected(self)
         release_handshake_state(transport)
@@ -692,7 +699,7 @@ cdef class ClientListener(WSListener):
         self.flush_pending()
         if t is not None:
             if not (t.is_disconnected or t.is_close_frame_sent):
-                fast_write(t, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+                self.write_out(t, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
         elif self._sink is not None:
             self._sink(frame)
 
@@ -733,6 +740,30 @@ cdef class ClientListener(WSListener):
         self.out_len = need
         return 0
 
+    cdef int write_out(self, WSTransport t, const char* data, Py_ssize_t size) except -1:
+        # Straight to the socket while the transport holds nothing, so the
+        # bytes cannot overtake queued ones; whatever the kernel does not
+        # take goes to the transport, which sends it when the socket drains.
+        # This is picows' own zero-copy write without the per-write Python
+        # call that asks the transport for its buffer size: that is asked
+        # only after a write that left something queued.
+        cdef ssize_t n
+        if not self.wclean:
+            if self.fd < 0 or t.underlying_transport.get_write_buffer_size():
+                t.underlying_transport.write(PyBytes_FromStringAndSize(data, size))
+                return 0
+            self.wclean = True
+        n = send(self.fd, data, size, MSG_NOSIGNAL)
+        if n == size:
+            return 0
+        # Socket full (EAGAIN), a partial write, or an error: the transport
+        # queues the rest, or meets the error and closes the connection.
+        self.wclean = False
+        if n < 0:
+            n = 0
+        t.underlying_transport.write(PyBytes_FromStringAndSize(data + n, size - n))
+        return 0
+
     cdef int flush(self, Py_ssize_t max_buffered) except -1:
         # Returns 1 if the client is over its outbound limit after the write.
         cdef WSTransport t = self.transport
@@ -743,7 +774,7 @@ cdef class ClientListener(WSListener):
             # A closing or closed client gets nothing more; picows' own send
             # paths check the same flags.
             if not (t.is_disconnected or t.is_close_frame_sent):
-                fast_write(t, self.out, self.out_len)
+                self.write_out(t, self.out, self.out_len)
         elif self._sink is not None:
             self._sink(PyBytes_FromStringAndSize(self.out, self.out_len))
         self.out_len = 0

@@ -6,11 +6,10 @@
 from picows.picows cimport MemoryBuffer, WSTransport
 
 
-cdef inline int fast_write(WSTransport t, char* data, Py_ssize_t size) except -1:
-    # picows' own zero-copy write: straight to the socket when nothing is
-    # queued, else to the transport. No public API takes a pointer.
-    t._fast_write(data, size)
-    return 0
+cdef inline int socket_fd(WSTransport t):
+    # The connection's socket, for writing to it directly (-1 under TLS,
+    # where bytes must go through the transport's SSL layer).
+    return -1 if t.is_secure else t._socket
 
 
 cdef inline int release_handshake_state(WSTransport t) except -1:

@@ -3,17 +3,21 @@ both fast-path implementations.
 
 A ClientListener (compiled or twin) passes a plain, unfragmented text or
 binary message to its session and a pong to the session's heartbeat; every
-other frame comes here: fragments and their reassembly, close frames, and
-protocol violations. These are rare, so plain Python is fast enough, and one
+other frame comes here: fragments and their reassembly, pings (answered
+here rather than by picows, so that every write to a client goes through its
+listener), close frames, and protocol violations. These are rare, so plain Python is fast enough, and one
 copy means the two implementations cannot drift apart.
 """
 from __future__ import annotations
 
 from picows import WSCloseCode, WSMsgType
 
+from gateway.compression import frame_header
+
 _TEXT = WSMsgType.TEXT
 _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
+_PING = WSMsgType.PING
 _PONG = WSMsgType.PONG
 _CLOSE = WSMsgType.CLOSE
 # Codes that must never be on the wire (RFC 6455 7.4.1).
@@ -61,6 +65,9 @@ def on_rare_frame(conn, transport, frame) -> None:
         if _check_size(conn) and frame.fin:
             conn.frag = None
             conn.session.on_message(conn, bytes(frag.data), frag.is_text, frag.compressed)
+    elif t == _PING:
+        payload = frame.get_payload_as_bytes()      # picows checked: at most 125 bytes
+        conn.send_frame(frame_header(0x8A, len(payload)) + payload)
     elif t == _PONG:
         conn.session.on_pong()
     elif t == _CLOSE:
@@ -73,7 +80,6 @@ def on_rare_frame(conn, transport, frame) -> None:
         else:
             transport.send_close(WSCloseCode(code), frame.get_close_message())
         transport.disconnect()
-    # PING: picows answers it (auto pong); nothing else is left.
 
 
 def _check_size(conn) -> bool:

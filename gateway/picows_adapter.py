@@ -65,7 +65,8 @@ async def create_server(make_listener: Callable[[Any, str], Any], host: str, por
             handshake_timeout,
             False, 20, 20,              # auto ping off: the gateway's heartbeat does it
             WSAutoPingStrategy.PING_WHEN_IDLE,
-            True,                       # auto pong
+            False,                      # auto pong off: gateway.frames answers pings, so
+                                        # that every write goes through the listener
             max_frame_size,
             None,                       # extra headers
             read_buffer_init_size,

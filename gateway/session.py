@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
+PING_FRAME = b"\x89\x00"      # the heartbeat's ping: empty, unmasked (RFC 6455 5.5.2)
 SLOW_CONSUMER_GRACE = 1.0      # seconds a slow consumer gets to take its close frame
 
 
@@ -220,7 +221,7 @@ class Session:
             abort(t)
             return
         self.awaiting_pong = True
-        t.send_ping()
+        self.listener.send_frame(PING_FRAME)
 
     def token_expired(self) -> None:
         self.expiry = None

@@ -9,9 +9,11 @@ the code under test.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -21,6 +23,9 @@ from pathlib import Path
 import hiredis
 import orjson
 import pytest
+from conftest import wait_until
+
+from gateway._testbase import ws as wire
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -989,3 +994,47 @@ def test_write_delay_coalesces_reads_and_keeps_order(impl):
         reader.feed(pmessage(b"channel:trade:AAPL", b'{"n":5}'))
         assert len(writes) == 5
     asyncio.run(main())
+
+
+def test_write_never_overtakes_bytes_the_transport_holds(aio, impl):
+    """Once the kernel has refused bytes, the transport holds them until the
+    loop next runs, even after the peer has read and the socket has room
+    again. A write in that window must queue behind them, not go straight to
+    the socket (the compiled listener writes directly only while it knows
+    the transport holds nothing)."""
+    from picows.picows import WSTransport
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        ours, peer = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.setblocking(False)
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        conn = impl.ClientListener()
+        conn.on_ws_connected(WSTransport(False, transport, logging.getLogger("test"), loop))
+
+        def frame(n: int) -> bytes:
+            return impl.encode_text_frame(b"%08d" % n + b"x" * 500)
+        sent = 0
+        while conn.write_buffer_size() == 0:
+            conn.send_frame(frame(sent))
+            sent += 1
+        conn.send_frame(frame(sent))            # queued behind the first refusal
+        sent += 1
+        received = peer.recv(1 << 20)           # room in the socket; the loop has not run
+        assert received
+        conn.send_frame(frame(sent))            # must not overtake what is queued
+        sent += 1
+        parser = wire.FrameParser()
+        got = [f.payload[:8] for f in parser.feed(received)]
+        while len(got) < sent:
+            got += [f.payload[:8] for f in parser.feed(await loop.sock_recv(peer, 1 << 20))]
+        assert got == [b"%08d" % n for n in range(sent)]
+        # Drained: later writes arrive (straight from the socket again).
+        await wait_until(lambda: conn.write_buffer_size() == 0)
+        conn.send_frame(frame(sent))
+        assert [f.payload[:8] for f in parser.feed(await loop.sock_recv(peer, 1 << 20))] == [b"%08d" % sent]
+        transport.close()
+        peer.close()
+    aio(main())

@@ -118,6 +118,66 @@ def test_slow_consumer_is_disconnected_others_unaffected(aio, impl, redis_server
     aio(main(), timeout=120)
 
 
+@pytest.mark.heavy
+def test_backed_up_client_keeps_byte_order(aio, impl, redis_server):
+    """A client whose socket is full: what the kernel does not take waits in
+    the transport, later trades and a pong queue behind it, and once the
+    client reads again it gets every byte in order; then writes go straight
+    to the socket again."""
+    async def main():
+        async with running_gateway(impl, redis_server.url, max_buffered_bytes=64 << 20) as gw:
+            await wait_until(lambda: gw.redis.ready)
+            loop = asyncio.get_running_loop()
+            s = await raw_client(gw.port, 4096)
+            s.sock.settimeout(10)
+            s.send_text(b'{"action":"subscribe","symbols":["BACKUP"]}')
+            await wait_until(lambda: gw.table.subscription_count == 1)
+            listener = next(iter(gw.sessions)).listener
+            r = redis_server.client()
+            payload = b'{"symbol":"BACKUP","seq":%d,"pad":"' + b"x" * 150 + b'"}'
+
+            def publish(first, count):
+                pipe = r.pipeline(transaction=False)
+                for n in range(first, first + count):
+                    pipe.publish("channel:trade:BACKUP", payload % n)
+                pipe.execute()
+
+            # Until the kernel's buffers are full and the transport holds the rest.
+            first = 0
+            while listener.write_buffer_size() == 0:
+                assert first < 100_000, "the kernel took 100,000 trades"
+                await loop.run_in_executor(None, publish, first, 2000)
+                first += 2000
+                await asyncio.sleep(0.05)
+            s.send(wire.frame(wire.OP_PING, b"behind"))
+            await asyncio.sleep(0.2)            # the gateway has read the ping
+            total = first + 3000
+            await loop.run_in_executor(None, publish, first, 3000)
+
+            def read(n_trades):
+                seqs, pongs = [], []
+                while len(seqs) < n_trades:
+                    f = s.frame()
+                    if f.opcode == wire.OP_PONG:
+                        pongs.append((len(seqs), f.payload))
+                    else:
+                        msg = f.json()
+                        if msg["type"] == "trade":
+                            seqs.append(msg["data"]["seq"])
+                return seqs, pongs
+            seqs, pongs = await loop.run_in_executor(None, read, total)
+            assert seqs == list(range(total))
+            # The pong went behind what was queued when the ping came.
+            assert len(pongs) == 1 and pongs[0][1] == b"behind" and 0 < pongs[0][0] <= first, pongs
+            await wait_until(lambda: listener.write_buffer_size() == 0)
+            await loop.run_in_executor(None, publish, total, 10)
+            seqs, pongs = await loop.run_in_executor(None, read, 10)
+            assert seqs == list(range(total, total + 10)) and not pongs
+            assert gw.counters.slow_consumers == {}
+            s.close()
+    aio(main(), timeout=60)
+
+
 # -- Redis faults ------------------------------------------------------------------
 
 def test_redis_restart_clients_stay_delivery_resumes(aio, impl, own_redis):

@@ -227,6 +227,7 @@ def test_raw_socket_protocol_errors(aio, impl, redis_server):
             loop = asyncio.get_running_loop()
             for bad in (wire.frame(0x1, b"hi", mask=False),  # unmasked
                         wire.frame(0x3, b"x"),               # reserved opcode
+                        wire.frame(0x9, b"x", rsv=4),        # a ping marked compressed
                         wire.frame(0x0, b"x")):              # continuation without a start
                 s = await raw_client(gw.port)
                 s.send(bad)
@@ -239,6 +240,23 @@ def test_raw_socket_protocol_errors(aio, impl, redis_server):
             ws, welcome = await connect(gw)
             assert welcome["type"] == "success"
             await ws.close()
+    aio(main())
+
+
+def test_client_pings_get_pongs(aio, impl, redis_server):
+    """The gateway answers a client's ping with its payload, between messages."""
+    async def main():
+        async with running_gateway(impl, redis_server.url) as gw:
+            loop = asyncio.get_running_loop()
+            s = await raw_client(gw.port)
+            assert (await loop.run_in_executor(None, s.text))["type"] == "success"
+            for payload in (b"", b"hello", bytes(range(125))):
+                s.send(wire.frame(wire.OP_PING, payload))
+                f = await loop.run_in_executor(None, s.frame)
+                assert (f.opcode, f.payload, f.fin, f.rsv) == (wire.OP_PONG, payload, True, 0)
+            s.send_text(b'{"action":"ping"}')
+            assert (await loop.run_in_executor(None, s.text))["type"] == "pong"
+            s.close()
     aio(main())
 
 

@@ -538,6 +538,7 @@ def test_cli_load_failure_is_one_line_and_exit_1(url):
     assert out.stderr.startswith("ws-gateway-functions: error: ")
 
 
+@pytest.mark.slow      # ~4 s: the sentinel client retries before it gives up
 def test_cli_failure_never_shows_a_password():
     """The master's password and a sentinel's stay out of the error line."""
     for url in ("redis://:hunter2@127.0.0.1:1",

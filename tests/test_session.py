@@ -48,7 +48,6 @@ class Transport:
         self.is_disconnected = False
         self.is_close_frame_sent = False
         self.closes: list[tuple[int, bytes]] = []
-        self.pings = 0
 
     def send_close(self, code, reason=b""):
         self.is_close_frame_sent = True
@@ -57,13 +56,17 @@ class Transport:
     def disconnect(self, graceful=True):
         self.is_disconnected = True
 
-    def send_ping(self, message=b""):
-        self.pings += 1
+    @property
+    def pings(self) -> int:
+        # The heartbeat's pings go through the listener like every other write.
+        parser = FrameParser()
+        return sum(f.opcode == 0x9 for w in self.underlying_transport.written for f in parser.feed(w))
 
 
 def messages(t: Transport) -> list[dict]:
     parser = FrameParser()
-    return [orjson.loads(f.payload) for w in t.underlying_transport.written for f in parser.feed(w)]
+    return [orjson.loads(f.payload) for w in t.underlying_transport.written for f in parser.feed(w)
+            if f.opcode == 0x1]
 
 
 def make(policy: SessionPolicy | None = None, admission: Admission | None = None, max_symbols=5):
