@@ -1587,18 +1587,21 @@ def compare_revisions(results: list[dict], table, out: list[str]) -> None:
     cases = [r for r in results if "deliveries" in r and "@" in r["variant"]]
     if not cases:
         return
-    here = {(r["scenario"], r.get("offered_label"), r["variant"], r["repeat"]): r
+    # A rate cell is its offered load and its publisher pipeline.
+    here = {(r["scenario"], r.get("offered_label"), r.get("pipeline"), r["variant"], r["repeat"]): r
             for r in results if "deliveries" in r and "@" not in r["variant"]}
     rows = []
     for r in sorted(cases, key=lambda r: (r["scenario"], str(r.get("offered_label")),
-                                          r["variant"], r["repeat"])):
+                                          r.get("pipeline") or 0, r["variant"], r["repeat"])):
         kind = variant_kind(r["variant"])
-        w = here.get((r["scenario"], r.get("offered_label"), kind, r["repeat"]))
+        w = here.get((r["scenario"], r.get("offered_label"), r.get("pipeline"), kind, r["repeat"]))
         if w is None:
             continue
         us_w = w.get("gateway_cpu_us_per_delivery_schedstat")
         us_r = r.get("gateway_cpu_us_per_delivery_schedstat")
         scen = r["scenario"] + (f" {r['offered_label']}" if r.get("offered_label") else "")
+        if r.get("pipeline"):
+            scen += f"x{r['pipeline']}"
         rows.append([scen, r["repeat"], kind, fmt(us_w, ".3f"), r["variant"], fmt(us_r, ".3f"),
                      f"{us_w / us_r:.2f}x" if us_w and us_r else "-",
                      fmt(w.get("deliveries_per_s"), ",.0f"), fmt(r.get("deliveries_per_s"), ",.0f"),
