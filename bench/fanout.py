@@ -107,13 +107,20 @@ FLOOR_VARIANT = "floor"
 # Nor: the compiled gateway with write coalescing (WS_WRITE_DELAY_US, this many µs).
 COALESCED_VARIANT = "coalesced"
 COALESCED_DELAY_US = 1000
-KNOWN_VARIANTS = [*ALL_VARIANTS, WORKERS_VARIANT, FLOOR_VARIANT, COALESCED_VARIANT]
+# Nor: the compiled gateway with every client negotiating permessage-deflate
+# (rate scenario only; the market-deflate mode is the bursty form of it).
+DEFLATE_VARIANT = "deflate"
+KNOWN_VARIANTS = [*ALL_VARIANTS, WORKERS_VARIANT, FLOOR_VARIANT, COALESCED_VARIANT, DEFLATE_VARIANT]
+# Kinds that run the compiled gateway as it is.
+COMPILED_KINDS = ("compiled", WORKERS_VARIANT, COALESCED_VARIANT, DEFLATE_VARIANT)
 # Kinds that serve no /metrics and /readyz: readiness is the port and the
 # Redis pattern, the gateway's own counters are not read.
 NO_METRICS_KINDS = ("baseline", FLOOR_VARIANT)
 # The baseline tops out near 150k deliveries/s: the rate scenario runs it only
 # at offered rates up to this (above, a case would just wait out the backlog).
 RATE_BASELINE_MAX = 100_000
+# Where one core is not saturated: what compression adds per delivery there.
+RATE_DEFLATE_MAX = 200_000
 # Kinds that can also run from another git revision (KIND@REV).  The baseline
 # is bench code, not the gateway: it has no revision to compare.
 REV_KINDS = ("compiled", "purepy")
@@ -411,8 +418,7 @@ def variant_available(variant: str) -> tuple[bool, str]:
     kind = variant_kind(variant)
     if kind in NO_METRICS_KINDS:    # bench code: built or run as it is
         return True, ""
-    probe = ("import gateway._fastpath" if kind in ("compiled", WORKERS_VARIANT, COALESCED_VARIANT)
-             else "import gateway")
+    probe = "import gateway._fastpath" if kind in COMPILED_KINDS else "import gateway"
     probe += "; import gateway as g; print(g.__file__)"
     cwd, extra = gateway_source(variant)
     env = dict(os.environ)
@@ -1120,6 +1126,8 @@ def not_applicable(scen: str, variant: str) -> str | None:
     if scen in MARKET_MODES and kind == "baseline":
         return ("the baseline has no JWT check and compresses per connection with "
                 "websockets' own deflate: not the gateway's feature under test")
+    if kind == DEFLATE_VARIANT and scen != "rate":
+        return "the deflate variant is for the rate scenario (market-deflate is its bursty form)"
     if scen in MARKET_MODES and kind == FLOOR_VARIANT:
         return "the floor has no JWT check, no compression and no sequencing"
     return None
@@ -1219,12 +1227,14 @@ def scen_rate(ctx: Ctx, variant: str, load: int, pipeline: int) -> list[dict]:
     rec = delivery_case(ctx, variant, f"rate{load}x{pipeline}-{variant}", topo, rate=rate,
                         duration_s=sz.latency_duration_s, sample=sz.latency_sample_every,
                         skip_ms=sz.latency_skip_ms, allow_overload=True, pipeline=pipeline,
-                        count_sends=True)
+                        count_sends=True, deflate=1.0 if variant_kind(variant) == DEFLATE_VARIANT else 0.0)
     rec["offered_label"] = load
     return [rec]
 
 
 def rate_not_applicable(variant: str, load: int) -> str | None:
+    if variant_kind(variant) == DEFLATE_VARIANT and load > RATE_DEFLATE_MAX:
+        return f"compression is measured only up to {RATE_DEFLATE_MAX:,} deliveries/s (unsaturated)"
     if variant_kind(variant) == "baseline" and load > RATE_BASELINE_MAX:
         return f"the baseline is run only up to {RATE_BASELINE_MAX:,} deliveries/s (it saturates near 150k)"
     return None
@@ -1558,11 +1568,21 @@ def rate_table(rs: list[dict], table, out: list[str]) -> None:
     floor = {(r["offered_label"], r["pipeline"], r["repeat"]): r for r in cases
              if variant_kind(r["variant"]) == FLOOR_VARIANT}
 
-    def vs_floor(r: dict) -> str:
-        f = floor.get((r["offered_label"], r["pipeline"], r["repeat"]))
+    plain = {(r["offered_label"], r["pipeline"], r["repeat"]): r for r in cases
+             if r["variant"] == "compiled"}
+
+    def ratio(r: dict, to: dict) -> str:
+        f = to.get((r["offered_label"], r["pipeline"], r["repeat"]))
         a = r.get("gateway_cpu_us_per_delivery_schedstat")
         b = f.get("gateway_cpu_us_per_delivery_schedstat") if f else None
         return f"{a / b:.2f}x" if a and b else "-"
+
+    def vs_floor(r: dict) -> str:
+        return ratio(r, floor)
+
+    def vs_plain(r: dict) -> str:
+        # compressed against plain deliveries, same cell and repeat
+        return ratio(r, plain) if variant_kind(r["variant"]) == DEFLATE_VARIANT else "-"
 
     rows = []
     for r in sorted(cases, key=lambda r: (r["offered_label"], r["pipeline"], r["repeat"], r["variant"])):
@@ -1572,12 +1592,13 @@ def rate_table(rs: list[dict], table, out: list[str]) -> None:
                      fmt(r["latency_us"]["p999"] / 1000, ".3f"),
                      fmt(r.get("gateway_cpu_util"), ".0%"),
                      fmt(r.get("gateway_cpu_us_per_delivery_schedstat"), ".3f"), vs_floor(r),
+                     vs_plain(r), fmt(r.get("wire_bytes_per_delivery"), ".0f"),
                      fmt(r.get("gateway_sends_per_delivery"), ".3f"), fmt(r.get("gateway_us_per_send"), ".2f"),
                      fmt(r.get("trades_per_redis_read"), ".1f"),
                      fmt(r.get("loadclient_cpu_us_per_delivery"), ".2f"), r.get("missing"), r.get("ok")])
     table(["offered/s", "pipeline", "rep", "variant", "achieved/s", "sustained", "p50 ms", "p99 ms",
-           "p99.9 ms", "gw CPU", "gw µs/deliv", "vs floor", "sends/deliv", "gw µs/send",
-           "trades/read", "lc µs/deliv", "missing", "ok"], rows)
+           "p99.9 ms", "gw CPU", "gw µs/deliv", "vs floor", "vs compiled", "wire B/deliv",
+           "sends/deliv", "gw µs/send", "trades/read", "lc µs/deliv", "missing", "ok"], rows)
 
 
 def compare_revisions(results: list[dict], table, out: list[str]) -> None:

@@ -74,7 +74,7 @@ def test_fanout_smoke(variant, tmp_path):
 
 @pytest.mark.parametrize("variants", [
     pytest.param("floor", id="floor"),
-    pytest.param("compiled,coalesced,floor", id="compiled,coalesced,floor",
+    pytest.param("compiled,coalesced,deflate,floor", id="compiled,coalesced,deflate,floor",
                  marks=pytest.mark.skipif(importlib.util.find_spec("gateway") is None,
                                           reason="gateway package not importable")),
 ])
@@ -82,7 +82,8 @@ def test_rate_smoke(variants, tmp_path):
     """The rate scenario (fixed offered rates x publisher pipelines, sends
     counted) and the C floor gateway (also in the saturation and protocol
     scenarios): the run completes, nothing is lost, order is kept, and every
-    rate case has its sends per delivery and its ratio to the floor."""
+    rate case has its sends per delivery and its ratio to the floor; the
+    deflate variant's clients got every trade compressed, in fewer bytes."""
     out = tmp_path / "rate.json"
     proc = subprocess.run(
         [sys.executable, str(FANOUT), "--smoke", "--variants", variants,
@@ -95,6 +96,9 @@ def test_rate_smoke(variants, tmp_path):
     results = doc["results"]
     assert {r["variant"] for r in results} == set(variants.split(",")), report
     for r in results:
+        if r["variant"] == "deflate" and r["scenario"] != "rate":
+            assert "skipped" in r, report      # a rate-only variant
+            continue
         assert "skipped" not in r, (r["scenario"], r["variant"], report)
         assert r["ok"], (r["scenario"], r["variant"], r.get("problems"), report)
         if "deliveries" in r:
@@ -116,7 +120,14 @@ def test_rate_smoke(variants, tmp_path):
         if r["pipeline"] == 10:
             one = next(x for x in rate if x["variant"] == r["variant"] and x["pipeline"] == 1)
             assert r["gateway_sends_per_delivery"] < one["gateway_sends_per_delivery"], report
+    for r in rate:
+        if r["variant"] == "deflate":
+            plain = next(x for x in rate if x["variant"] == "compiled" and x["pipeline"] == r["pipeline"])
+            assert r["compressed_frames"] == r["deliveries"], report
+            assert r["wire_bytes_per_delivery"] < plain["wire_bytes_per_delivery"], report
     assert "| vs floor |" in proc.stdout and "1.00x" in proc.stdout, report
+    if "deflate" in variants:
+        assert "| vs compiled |" in proc.stdout, report
     assert proc.returncode == 0, report
 
 
