@@ -29,7 +29,7 @@ from .endpoints import Endpoints, http_answer, is_upgrade
 from .redis_reader import RedisSubscriber
 from .replay import Replayer
 from .sentinel import SentinelMaster
-from .session import Hub, Session, SessionPolicy, abort, on_slow_consumer
+from .session import HEARTBEAT_SLICES, Hub, Session, SessionPolicy, abort, on_slow_consumer
 from .stats import Stats
 from .supervisor import WorkerInfo
 
@@ -204,12 +204,18 @@ class Gateway:
             await asyncio.sleep(metrics.WorkersCollector.INTERVAL)
 
     async def _heartbeat(self) -> None:
-        # One timer for every connection, not a task each.
+        # One timer for every connection, not a task each. Each tick pings
+        # one slice of the connections, so each is pinged once per interval
+        # (never sooner: a pong has the whole interval) and the pings are
+        # spread over it: all at once, 1,000 connections held the trade
+        # stream for milliseconds of sends, and their pongs as long again.
         interval = self.config.heartbeat_interval
+        slot = 0
         while True:
-            await asyncio.sleep(interval)
-            for session in list(self.sessions):
+            await asyncio.sleep(interval / HEARTBEAT_SLICES)
+            for session in [s for s in self.sessions if s.heartbeat_slot == slot]:
                 session.heartbeat(interval)
+            slot = (slot + 1) % HEARTBEAT_SLICES
 
     async def stop(self) -> None:
         """Stop accepting, close every client with 1001, close Redis."""

@@ -16,6 +16,7 @@ handler, access bookkeeping, counters, the set of live sessions) is one
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
+# The heartbeat pings 1/HEARTBEAT_SLICES of the connections at a time, each
+# connection once per interval (see Gateway._heartbeat).
+HEARTBEAT_SLICES = 32
+_heartbeat_slots = itertools.count()
 PING_FRAME = b"\x89\x00"      # the heartbeat's ping: empty, unmasked (RFC 6455 5.5.2)
 SLOW_CONSUMER_GRACE = 1.0      # seconds a slow consumer gets to take its close frame
 
@@ -78,7 +83,7 @@ class Session:
     """One connection's control-plane state; see the module docstring."""
 
     __slots__ = ("hub", "listener", "admission", "connection_id", "max_symbols", "bucket",
-                 "strikes", "awaiting_pong", "expiry")
+                 "strikes", "awaiting_pong", "expiry", "heartbeat_slot")
 
     def __init__(self, hub: Hub, admission: Admission, max_symbols: int):
         self.hub = hub
@@ -90,6 +95,8 @@ class Session:
         self.strikes = 0
         self.awaiting_pong = False
         self.expiry: asyncio.TimerHandle | None = None
+        # Which of the heartbeat's slices pings this connection (Gateway._heartbeat).
+        self.heartbeat_slot = next(_heartbeat_slots) % HEARTBEAT_SLICES
 
     @property
     def max_message_size(self) -> int:

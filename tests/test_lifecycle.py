@@ -62,6 +62,40 @@ def test_heartbeat_keeps_answering_clients_drops_silent_ones(aio, impl, redis_se
     aio(main())
 
 
+@pytest.mark.heavy
+def test_heartbeat_spreads_pings_over_the_interval(aio, impl, monkeypatch, redis_server):
+    """Each connection is pinged once per interval, never sooner, and the
+    connections are pinged a slice at a time, not all in one burst."""
+    from gateway import session as session_module
+    calls: list[tuple[object, float]] = []
+    real = session_module.Session.heartbeat
+
+    def recording(self, interval):
+        calls.append((self, time.monotonic()))
+        real(self, interval)
+    monkeypatch.setattr(session_module.Session, "heartbeat", recording)
+    interval = 0.32
+
+    async def main():
+        async with running_gateway(impl, redis_server.url, heartbeat_interval=interval) as gw:
+            clients = [await client(gw.port, ping_interval=None) for _ in range(32)]
+            await asyncio.sleep(3 * interval)
+            assert len(gw.sessions) == 32 and gw.counters.heartbeat_timeouts == 0
+            for ws in clients:
+                await ws.close()
+    aio(main())
+    by_session: dict[object, list[float]] = {}
+    for s, t in calls:
+        by_session.setdefault(s, []).append(t)
+    assert len(by_session) == 32
+    for times in by_session.values():
+        assert all(b - a >= interval * 0.95 for a, b in zip(times, times[1:])), times
+    # 32 connections made one after another fall in 32 slices: no two are
+    # pinged in the same tick, so one round is spread over the interval.
+    first_round = sorted(times[0] for times in by_session.values())
+    assert first_round[-1] - first_round[0] >= interval / 2, first_round
+
+
 # -- churn ---------------------------------------------------------------------
 
 @pytest.mark.heavy
