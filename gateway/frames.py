@@ -5,8 +5,9 @@ A ClientListener (compiled or twin) passes a plain, unfragmented text or
 binary message to its session and a pong to the session's heartbeat; every
 other frame comes here: fragments and their reassembly, pings (answered
 here rather than by picows, so that every write to a client goes through its
-listener), close frames, and protocol violations. These are rare, so plain Python is fast enough, and one
-copy means the two implementations cannot drift apart.
+listener), close frames, and protocol violations. These are rare, so plain
+Python is fast enough, and one copy means the two implementations cannot
+drift apart.
 """
 from __future__ import annotations
 
