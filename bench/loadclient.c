@@ -105,6 +105,7 @@ static int opt_skip_ms = 0;
 static int opt_inflight = 128;
 static int opt_hold = 0;
 static int opt_grace_ms = 0;
+static int opt_keep_open = 0;     /* -K: after the report, keep every connection open until SIGTERM */
 static const char *opt_counts_out = NULL;
 static double opt_deflate = 0;     /* fraction of connections offering permessage-deflate */
 static const char *opt_path = "/";
@@ -887,7 +888,7 @@ static void report(const char *reason, double connect_s) {
 
 int main(int argc, char **argv) {
     int o;
-    while ((o = getopt(argc, argv, "H:p:f:d:D:s:i:k:m:g:wo:z:P:T:J:")) != -1) {
+    while ((o = getopt(argc, argv, "H:p:f:d:D:s:i:k:m:g:wKo:z:P:T:J:")) != -1) {
         switch (o) {
         case 'H': opt_host = optarg; break;
         case 'p': opt_port = atoi(optarg); break;
@@ -900,6 +901,7 @@ int main(int argc, char **argv) {
         case 'm': opt_inflight = atoi(optarg); break;
         case 'g': opt_grace_ms = atoi(optarg); break;
         case 'w': opt_hold = 1; break;
+        case 'K': opt_keep_open = 1; break;
         case 'o': opt_counts_out = optarg; break;
         case 'z': opt_deflate = atof(optarg); break;
         case 'P': opt_path = optarg; break;
@@ -972,6 +974,10 @@ int main(int argc, char **argv) {
     }
     double connect_s = ready_mono ? (double)(ready_mono - t0) / 1e9 : -1;
     report(reason, connect_s);
+    /* With -K the connections stay open until SIGTERM, so that the gateway's
+       CPU can be read after the last delivery and before it tears down a
+       thousand connections (which the floor does far more cheaply). */
+    while (opt_keep_open && !stop_flag) pause();
     /* Closing thousands of sockets is left to exit(): the kernel does it faster. */
     return 0;
 }
