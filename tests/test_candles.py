@@ -137,7 +137,9 @@ def check_lifecycle(messages):
             seen[key] = "correction"
 
 
-@pytest.mark.parametrize("hours", [pytest.param(2, id="2h"), pytest.param(6.5, id="day", marks=pytest.mark.slow)])
+# ~1.4 s and ~4 s: both in the full suite; the quick tier has the other candle tests.
+@pytest.mark.parametrize("hours", [pytest.param(2, id="2h", marks=pytest.mark.slow),
+                                   pytest.param(6.5, id="day", marks=pytest.mark.slow)])
 def test_a_simulated_day_matches_the_reference(hours):
     rng = random.Random(7)
     trades = simulate_day(rng, seconds=hours * 3600)

@@ -64,6 +64,7 @@ def test_heartbeat_keeps_answering_clients_drops_silent_ones(aio, impl, redis_se
 
 
 @pytest.mark.heavy
+@pytest.mark.slow      # ~1 s of heartbeat rounds; the quick tier keeps the heartbeat test
 def test_heartbeat_spreads_pings_over_the_interval(aio, impl, monkeypatch, redis_server):
     """Each connection is pinged once per interval, never sooner, and the
     connections are pinged a slice at a time, not all in one burst."""
@@ -154,6 +155,7 @@ def test_slow_consumer_is_disconnected_others_unaffected(aio, impl, redis_server
 
 
 @pytest.mark.heavy
+@pytest.mark.slow      # ~1 s; test_fastpath covers the ordering rule without sockets filling
 def test_backed_up_client_keeps_byte_order(aio, impl, redis_server):
     """A client whose socket is full: what the kernel does not take waits in
     the transport, later trades and a pong queue behind it, and once the

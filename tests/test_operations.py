@@ -113,6 +113,7 @@ def test_metrics_label_lists_cover_every_reason_and_kind_in_the_sources():
 
 
 @pytest.mark.heavy
+@pytest.mark.slow      # ~1.6 s of Redis restarts
 def test_readyz_and_metrics_follow_redis_faults(aio, impl, own_redis):
     async def main():
         async with running_gateway(impl, own_redis.url) as gw:
@@ -240,6 +241,7 @@ def test_slow_consumer_conflation_reports_exact_gaps(aio, impl, redis_server):
 
 
 @pytest.mark.heavy
+@pytest.mark.slow      # ~1.3 s of flooding
 def test_control_reply_flood_without_reading_is_a_slow_consumer(aio, impl, redis_server):
     async def main():
         # Rate limit off: the outbound limit alone must stop this client.
