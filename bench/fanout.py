@@ -717,7 +717,9 @@ class LoadClient:
         and keeps its connections open until close()."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in reversed(self._lines()):
+            text = self.out_path.read_text(errors="replace")
+            # Only whole lines: the report may reach the file in several writes.
+            for line in reversed(text[:text.rfind("\n") + 1].splitlines()):
                 if line.startswith("{"):
                     return json.loads(line)
             if self.proc.poll() is not None:
