@@ -14,7 +14,7 @@ import websockets
 from conftest import running_gateway, wait_until
 
 from gateway._testbase.ws import FrameParser
-from gateway.sequencing import publish_trade
+from gateway.sequencing import history_key, meta_key, publish_trade
 
 _names = itertools.count()
 
@@ -43,6 +43,11 @@ async def subscribe(ws, symbols, **extra):
 
 def publish(r, symbol, n, start=0):
     return [publish_trade(r, symbol, {"symbol": symbol, "n": start + k}) for k in range(n)]
+
+
+def stored_epoch(r, symbol) -> str:
+    """The epoch publish_trade numbers ``symbol``'s trades in now."""
+    return r.hget(meta_key(symbol), "epoch").decode()
 
 
 def decoded(writes: list[bytes]) -> list[dict]:
@@ -128,7 +133,7 @@ def test_resume_while_publishing_has_a_clean_seam(aio, impl, redis_server):
             await wait_until(lambda: gw.redis.ready)
             r = redis_server.client()
             publish(r, sym, 50)
-            epoch = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
+            epoch = stored_epoch(r, sym)
             stop = asyncio.Event()
 
             async def publisher():
@@ -149,7 +154,7 @@ def test_resume_while_publishing_has_a_clean_seam(aio, impl, redis_server):
             await asyncio.sleep(0.3)
             stop.set()
             await task
-            final = int(r.hget(f"ws-gateway:{{{sym}}}:meta", "seq"))
+            final = int(r.hget(meta_key(sym), "seq"))
             for ws, after in clients:
                 seqs = [m["seq"] for m in await trades(ws, final - after, timeout=10)]
                 assert seqs == list(range(after + 1, final + 1))
@@ -185,8 +190,8 @@ def test_trimmed_history_gives_an_exact_gap(aio, impl, redis_server):
             await wait_until(lambda: gw.redis.ready)
             r = redis_server.client()
             publish(r, sym, 400)
-            epoch = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
-            first = int(r.xrange(f"ws-gateway:{{{sym}}}:history", count=1)[0][0].split(b"-")[0])
+            epoch = stored_epoch(r, sym)
+            first = int(r.xrange(history_key(sym), count=1)[0][0].split(b"-")[0])
             assert first > 3
             ws = await connect(gw)
             await subscribe(ws, [sym], since={sym: {"epoch": epoch, "seq": 2}})
@@ -209,10 +214,10 @@ def test_epoch_changed_after_history_loss(aio, impl, own_redis):
             await wait_until(lambda: gw.redis.ready)
             r = own_redis.client()
             publish(r, sym, 5)
-            old = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
+            old = stored_epoch(r, sym)
             r.flushall()                           # the history is gone, the library stays
             publish(r, sym, 3)
-            new = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
+            new = stored_epoch(r, sym)
             assert new != old
             ws = await connect(gw)
             await subscribe(ws, [sym], since={sym: {"epoch": old, "seq": 5}})
@@ -240,9 +245,9 @@ def test_live_epoch_change_is_announced(aio, impl, own_redis):
             await subscribe(ws, [sym])
             publish(r, sym, 4)
             old = [(m["epoch"], m["seq"]) for m in await trades(ws, 4)]
-            r.delete(f"ws-gateway:{{{sym}}}:meta", f"ws-gateway:{{{sym}}}:history")
+            r.delete(meta_key(sym), history_key(sym))
             publish(r, sym, 3)
-            new = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
+            new = stored_epoch(r, sym)
             assert new != old[0][0]
             gap = await recv(ws)
             assert gap["type"] == "gap" and gap["data"] == {
@@ -421,7 +426,7 @@ def test_resume_for_a_permessage_deflate_client(aio, impl, redis_server):
             await wait_until(lambda: gw.redis.ready)
             r = redis_server.client()
             publish(r, sym, 6)
-            epoch = r.hget(f"ws-gateway:{{{sym}}}:meta", "epoch").decode()
+            epoch = stored_epoch(r, sym)
             ws = await websockets.connect(f"ws://127.0.0.1:{gw.port}")   # offers deflate
             assert "permessage-deflate" in ws.response.headers.get("Sec-WebSocket-Extensions", "")
             await ws.recv()
