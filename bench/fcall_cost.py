@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway._testbase.redis import RedisServer
 from gateway._testbase.resp import encode_command
-from gateway.sequencing import library_code
+from gateway.sequencing import history_key, library_code
 
 PREFIX = "channel:trade:"
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
                 t1, cpu1 = time.perf_counter(), redis_cpu(port)
                 results[kind].append(((t1 - t0) / args.calls * 1e6, (cpu1 - cpu0) / args.calls * 1e6,
                                       usec_per_call(port, kind)))
-        lengths = [c.xlen(f"ws-gateway:{{{s}}}:history") for s in symbols]
+        lengths = [c.xlen(history_key(s)) for s in symbols]
         mem = c.info("memory")["used_memory_human"]
         sock.close()
         c.close()
