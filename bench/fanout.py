@@ -698,7 +698,16 @@ class LoadClient:
         self.started = time.monotonic()
 
     def _lines(self) -> list[str]:
-        return self.out_path.read_text(errors="replace").splitlines()
+        """The whole lines written so far (a line may reach the file in
+        several writes while the client runs)."""
+        text = self.out_path.read_text(errors="replace")
+        return text[:text.rfind("\n") + 1].splitlines()
+
+    def _report(self) -> dict | None:
+        for line in reversed(self._lines()):
+            if line.startswith("{"):
+                return json.loads(line)
+        return None
 
     def wait_ready(self, timeout: float) -> tuple[int, int]:
         deadline = time.monotonic() + timeout
@@ -717,11 +726,9 @@ class LoadClient:
         and keeps its connections open until close()."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.out_path.read_text(errors="replace")
-            # Only whole lines: the report may reach the file in several writes.
-            for line in reversed(text[:text.rfind("\n") + 1].splitlines()):
-                if line.startswith("{"):
-                    return json.loads(line)
+            rep = self._report()
+            if rep is not None:
+                return rep
             if self.proc.poll() is not None:
                 raise HarnessError(f"load client exited ({self.proc.returncode}) without a report")
             time.sleep(0.02)
@@ -741,12 +748,11 @@ class LoadClient:
         except subprocess.TimeoutExpired:
             PROCS.stop(self.proc, timeout=2)
             raise HarnessError("load client did not finish in time") from None
-        PROCS.stop(self.proc)
-        self.out.close()
-        for line in reversed(self._lines()):
-            if line.startswith("{"):
-                return json.loads(line)
-        raise HarnessError("load client printed no report")
+        self.close()
+        rep = self._report()
+        if rep is None:
+            raise HarnessError("load client printed no report")
+        return rep
 
 
 def run_publisher(exe: Path, redis: Redis, symfile: Path, workdir: Path, *,
