@@ -10,6 +10,7 @@ Change both together.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -526,7 +527,6 @@ class FanOut:
         if self.write_delay <= 0 or not self._touched:
             self._flush()
         elif self._flush_handle is None:
-            import asyncio
             self._flush_handle = asyncio.get_running_loop().call_later(self.write_delay,
                                                                        self._timer_flush)
 
